@@ -1,0 +1,45 @@
+// Shared basics: the two error kinds the CLI maps to exit codes, logging, threads, dtypes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace vdit {
+
+// Bad input from the user (a corrupt file, a wrong option, an impossible size): exit code 2.
+struct InputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// A failure while doing valid work (out of memory, an encoder that refuses): exit code 1.
+struct RuntimeError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class LogLevel { Quiet = 0, Info = 1, Verbose = 2 };
+void set_log_level(LogLevel level);
+LogLevel log_level();
+void log_info(const std::string& message);     // stderr unless quiet
+void log_verbose(const std::string& message);  // stderr with -v
+void log_warning(const std::string& message);  // stderr always, prefixed "warning: "
+
+// Sets LibTorch's intra-op thread count; n <= 0 means "all cores of this machine".
+void set_threads(int n);
+
+// "f32" | "bf16" | "f16" (also "float32", "bfloat16", "float16", "fp16"...).
+at::ScalarType parse_dtype(const std::string& name);
+std::string dtype_name(at::ScalarType t);
+
+// "cpu", "cuda", "cuda:1".
+at::Device parse_device(const std::string& name);
+
+// Human-readable byte count, e.g. "1.5 GiB".
+std::string format_bytes(double bytes);
+
+// Resident-set high-water mark of this process, in bytes (0 where unknown).
+std::int64_t peak_rss_bytes();
+
+}  // namespace vdit

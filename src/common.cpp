@@ -1,0 +1,107 @@
+#include "vdit/common.h"
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+namespace vdit {
+
+namespace {
+std::atomic<int> g_log_level{static_cast<int>(LogLevel::Info)};
+}
+
+void set_log_level(LogLevel level) { g_log_level = static_cast<int>(level); }
+LogLevel log_level() { return static_cast<LogLevel>(g_log_level.load()); }
+
+void log_info(const std::string& message) {
+  if (g_log_level.load() >= static_cast<int>(LogLevel::Info)) std::cerr << message << std::endl;
+}
+void log_verbose(const std::string& message) {
+  if (g_log_level.load() >= static_cast<int>(LogLevel::Verbose)) std::cerr << message << std::endl;
+}
+void log_warning(const std::string& message) { std::cerr << "warning: " << message << std::endl; }
+
+void set_threads(int n) {
+  if (n <= 0) {
+    unsigned hw = std::thread::hardware_concurrency();
+    n = hw == 0 ? 1 : static_cast<int>(hw);
+  }
+  at::set_num_threads(n);
+}
+
+at::ScalarType parse_dtype(const std::string& name) {
+  if (name == "f32" || name == "float32" || name == "fp32" || name == "float") return at::kFloat;
+  if (name == "bf16" || name == "bfloat16") return at::kBFloat16;
+  if (name == "f16" || name == "float16" || name == "fp16" || name == "half") return at::kHalf;
+  if (name == "f64" || name == "float64") return at::kDouble;
+  throw InputError("unknown dtype '" + name + "' (expected f32, bf16 or f16)");
+}
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "f32";
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "f16";
+    case at::kDouble: return "f64";
+    case at::kLong: return "i64";
+    case at::kInt: return "i32";
+    case at::kShort: return "i16";
+    case at::kChar: return "i8";
+    case at::kByte: return "u8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+at::Device parse_device(const std::string& name) {
+  if (name == "cpu") return at::Device(at::kCPU);
+  if (name.rfind("cuda", 0) == 0) {
+    int index = -1;
+    if (name.size() > 4) {
+      if (name[4] != ':' || name.size() == 5) throw InputError("bad device '" + name + "' (expected cpu, cuda or cuda:N)");
+      try {
+        size_t used = 0;
+        index = std::stoi(name.substr(5), &used);
+        if (used != name.size() - 5 || index < 0) throw std::invalid_argument("index");
+      } catch (const std::exception&) {
+        throw InputError("bad device '" + name + "' (expected cpu, cuda or cuda:N)");
+      }
+    }
+    if (!at::hasCUDA()) throw InputError("device '" + name + "' requested but this build of LibTorch has no CUDA support");
+    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  throw InputError("bad device '" + name + "' (expected cpu, cuda or cuda:N)");
+}
+
+std::string format_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024.0 && u < 4) {
+    bytes /= 1024.0;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", bytes, units[u]);
+  return buf;
+}
+
+std::int64_t peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      std::istringstream in(line.substr(6));
+      std::int64_t kib = 0;
+      in >> kib;
+      return kib * 1024;
+    }
+  }
+  return 0;
+}
+
+}  // namespace vdit
