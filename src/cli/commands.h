@@ -1,0 +1,27 @@
+// Subcommand registration for the thin `vdit` CLI. Each src/cli/cmd_<name>.cpp defines one
+// register function; main.cpp owns the global options and error-to-exit-code mapping.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+
+namespace vdit::cli {
+
+struct GlobalOptions {
+  std::string device = "cpu";
+  std::string dtype = "";   // empty: per-command default (f32 on CPU, bf16 on CUDA)
+  int threads = 0;          // 0: all cores
+  bool verbose = false;
+  bool quiet = false;
+};
+
+// Every register function adds its subcommand to `app` and sets its callback; the callback runs
+// after global options are applied (threads, log level) and may throw vdit::InputError (exit 2)
+// or anything else (exit 1).
+void register_info_command(CLI::App& app, GlobalOptions& global);
+void register_generate_command(CLI::App& app, GlobalOptions& global);
+void register_bench_command(CLI::App& app, GlobalOptions& global);
+
+}  // namespace vdit::cli
