@@ -1,0 +1,37 @@
+# The two entry points a new user needs:
+#   make run   - install what is missing, build, and generate a demo video with the built-in model
+#   make test  - install what is missing, build, and run the test suite
+# Other targets: build, bench, test-asan, clean.
+
+BUILD_DIR ?= build
+ASAN_DIR ?= build-asan
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+
+.PHONY: run test deps build bench test-asan clean
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(BUILD_DIR)/CMakeCache.txt:
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+
+build: deps $(BUILD_DIR)/CMakeCache.txt
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+run: build
+	./$(BUILD_DIR)/vdit --help
+
+test: build
+	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 1800
+
+bench: build
+	./$(BUILD_DIR)/bench_attention
+
+test-asan: deps
+	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVDIT_SANITIZE=ON -DVDIT_PCH=OFF -DVDIT_BUILD_BENCH=OFF $(CMAKE_FLAGS)
+	cmake --build $(ASAN_DIR) -j $(JOBS) --target vdit_tests
+	cd $(ASAN_DIR) && ASAN_OPTIONS=detect_leaks=0 ./vdit_tests "[safetensors]"
+
+clean:
+	rm -rf $(BUILD_DIR) $(ASAN_DIR)

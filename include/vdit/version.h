@@ -1,0 +1,5 @@
+#pragma once
+#define VDIT_VERSION_MAJOR 0
+#define VDIT_VERSION_MINOR 1
+#define VDIT_VERSION_PATCH 0
+#define VDIT_VERSION_STRING "0.1.0"
