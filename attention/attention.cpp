@@ -1,33 +1,199 @@
-// Placeholder inside of the attention entry point: exact softmax attention over query blocks, so
-// no N x N score matrix is formed for long sequences. The attention-engine work replaces this.
-#include "vdit/attention/attention.h"
+// The attention entry point: input checks, backend choice, FLOP accounting, the materialised
+// reference and the hook base.
+#include "attention_internal.h"
+
+#include "vdit/common.h"
+
+#include <torch/version.h>
 
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <sstream>
 
 namespace vdit {
+namespace {
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const AttentionCall& call) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention expects [B, heads, N, D]");
-  TORCH_CHECK(!call.window.has_value(), "windowed attention is not implemented yet");
-  const double scale = call.scale > 0 ? call.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  const std::int64_t nq = q.size(2), nk = k.size(2);
-  const std::int64_t block = 1024;
-  at::Tensor kt = k.transpose(-2, -1);
-  at::Tensor key_mask;
-  if (call.valid_keys >= 0 && call.valid_keys < nk) {
-    key_mask = at::arange(nk, q.options().dtype(at::kLong)).ge(call.valid_keys);
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionCall& call) {
+  if (!q.defined() || !k.defined() || !v.defined()) throw InputError("attention: q, k and v must be defined tensors");
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) {
+    throw InputError("attention: q, k, v must be [B, heads, N, D], got q " + shape_of(q) + ", k " + shape_of(k) +
+                     ", v " + shape_of(v));
   }
-  at::Tensor out = at::empty_like(q);
-  for (std::int64_t s = 0; s < nq; s += block) {
-    const std::int64_t e = std::min(nq, s + block);
-    at::Tensor scores = at::matmul(q.slice(2, s, e), kt).to(at::kFloat).mul_(scale);
-    if (key_mask.defined()) scores.masked_fill_(key_mask, -std::numeric_limits<float>::infinity());
-    at::Tensor probs = at::softmax(scores, -1).to(v.scalar_type());
-    out.slice(2, s, e).copy_(at::matmul(probs, v));
+  if (k.size(0) != q.size(0) || v.size(0) != q.size(0) || k.size(1) != q.size(1) || v.size(1) != q.size(1) ||
+      k.size(3) != q.size(3) || v.size(2) != k.size(2)) {
+    throw InputError("attention: shapes disagree: q " + shape_of(q) + ", k " + shape_of(k) + ", v " + shape_of(v));
+  }
+  if (k.scalar_type() != q.scalar_type() || v.scalar_type() != q.scalar_type() || !at::isFloatingType(q.scalar_type())) {
+    throw InputError("attention: q, k, v must share one floating dtype, got " + std::string(c10::toString(q.scalar_type())) +
+                     ", " + c10::toString(k.scalar_type()) + ", " + c10::toString(v.scalar_type()));
+  }
+  if (k.device() != q.device() || v.device() != q.device()) throw InputError("attention: q, k, v on different devices");
+  if (!(call.scale >= 0.0) || !std::isfinite(call.scale)) throw InputError("attention: scale must be >= 0 (0: 1/sqrt(head_dim))");
+  if (!(call.scale_factor > 0.0) || !std::isfinite(call.scale_factor)) throw InputError("attention: scale_factor must be > 0");
+  if (call.valid_keys < -1) throw InputError("attention: valid_keys must be >= 0 (or -1 for all keys)");
+  if (call.window) {
+    const auto& w = *call.window;
+    for (int a = 0; a < 3; ++a) {
+      if (w.dilation[a] < 1) throw InputError("attention: window dilation must be >= 1 on every axis");
+    }
+    if (call.grid.t < 1 || call.grid.h < 1 || call.grid.w < 1)
+      throw InputError("attention: windowed attention needs a grid with every axis >= 1");
+    if (q.size(2) != call.grid.numel() || k.size(2) != call.grid.numel()) {
+      throw InputError("attention: windowed attention needs Nq = Nk = grid T·H·W = " + std::to_string(call.grid.numel()) +
+                       ", got Nq " + std::to_string(q.size(2)) + ", Nk " + std::to_string(k.size(2)));
+    }
+    if (call.valid_keys >= 0 && call.valid_keys < k.size(2))
+      throw InputError("attention: valid_keys cannot be combined with a window");
+  }
+}
+
+// The window, or nullopt when it covers the whole grid (plain full attention).
+std::optional<Window3> effective_window(const AttentionCall& call) {
+  if (!call.window || detail::window_is_full(call.grid, *call.window)) return std::nullopt;
+  return call.window;
+}
+
+std::int64_t keys_used(const AttentionCall& call, std::int64_t nk) {
+  return call.valid_keys >= 0 ? std::min(call.valid_keys, nk) : nk;
+}
+
+std::mutex counters_mutex;
+AttentionCounters counters;
+std::mutex tuning_mutex;
+AttentionTuning tuning_value;
+
+bool wants_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+}
+
+}  // namespace
+
+double effective_scale(const AttentionCall& call, std::int64_t head_dim) {
+  const double base = call.scale > 0 ? call.scale : 1.0 / std::sqrt(static_cast<double>(std::max<std::int64_t>(head_dim, 1)));
+  return base * call.scale_factor;
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, const AttentionCall& call) {
+  check_inputs(q, k_in, v_in, call);
+  const double scale = effective_scale(call, q.size(3));
+  const std::int64_t nk = keys_used(call, k_in.size(2));
+  // Masked keys form a suffix: dropping them equals masking them.
+  const at::Tensor k = nk < k_in.size(2) ? k_in.narrow(2, 0, nk) : k_in;
+  const at::Tensor v = nk < v_in.size(2) ? v_in.narrow(2, 0, nk) : v_in;
+  const bool cpu_kernel = call.backend == AttentionBackend::Auto && q.is_cpu() &&
+                          (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) && !wants_grad(q, k, v);
+  const std::optional<Window3> window = effective_window(call);
+  const double dims = static_cast<double>(q.size(3) + v.size(3));
+  const double bh = static_cast<double>(q.size(0) * q.size(1));
+  at::Tensor out;
+  double useful = 0, spent = 0;
+  if (window) {
+    const auto plan = detail::plan_window(call.grid, *window);
+    out = cpu_kernel ? detail::cpu_window_attention(q, k, v, scale, *plan, call.grid)
+                     : detail::generic_window_attention(q, k, v, scale, *plan, call.grid);
+    useful = 2.0 * dims * bh * plan->visible_pairs;
+    spent = 2.0 * dims * bh * plan->spent_pairs;
+  } else {
+    useful = spent = 2.0 * dims * bh * static_cast<double>(q.size(2)) * static_cast<double>(nk);
+#if TORCH_VERSION_MAJOR >= 2
+    if (call.backend == AttentionBackend::Auto && q.is_cuda() && nk > 0) {
+      // Flash / memory-efficient kernels; SDPA takes an explicit scale from 2.1 on.
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 1
+      out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale);
+#else
+      out = at::scaled_dot_product_attention(q * (scale * std::sqrt(static_cast<double>(q.size(3)))), k, v, {}, 0.0,
+                                             false);
+#endif
+    }
+#endif
+    if (!out.defined()) out = cpu_kernel ? detail::cpu_full_attention(q, k, v, scale) : detail::generic_full_attention(q, k, v, scale);
+  }
+  {
+    std::lock_guard<std::mutex> lock(counters_mutex);
+    counters.calls += 1;
+    counters.flops_useful += useful;
+    counters.flops_spent += spent;
   }
   return out;
+}
+
+at::Tensor attention_materialized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionCall& call) {
+  check_inputs(q, k, v, call);
+  const double scale = effective_scale(call, q.size(3));
+  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale);
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  if (const auto window = effective_window(call)) {
+    scores.masked_fill_(neighborhood_mask(call.grid, *window).logical_not().to(q.device()), neg_inf);
+  }
+  if (call.valid_keys >= 0 && call.valid_keys < k.size(2)) {
+    scores.masked_fill_(at::arange(k.size(2), q.options().dtype(at::kLong)).ge(call.valid_keys), neg_inf);
+  }
+  at::Tensor probs = at::softmax(scores, -1);
+  scores = at::Tensor();
+  if (call.valid_keys == 0) probs.zero_();  // no visible key: 0, as the kernels
+  return at::matmul(probs, v);
+}
+
+AttentionCost attention_cost(std::int64_t batch, std::int64_t heads, std::int64_t nq, std::int64_t nk,
+                             std::int64_t head_dim, std::int64_t value_dim, at::ScalarType dtype, const AttentionCall& call) {
+  AttentionCost cost;
+  const double bh = static_cast<double>(batch * heads);
+  const double dims = static_cast<double>(head_dim + value_dim);
+  const double elt = static_cast<double>(c10::elementSize(dtype));
+  const int workers = detail::worker_count(std::numeric_limits<std::int64_t>::max());
+  const std::int64_t keys = keys_used(call, nk);
+  const std::optional<Window3> window = effective_window(call);
+  if (window) {
+    const auto plan = detail::plan_window(call.grid, *window);
+    cost.flops_useful = 2.0 * dims * bh * plan->visible_pairs;
+    cost.flops_spent = 2.0 * dims * bh * plan->spent_pairs;
+    cost.query_block = plan->max_box_queries;
+    cost.key_block = plan->max_chunk_keys;
+    const double qk = static_cast<double>(cost.query_block), kk = static_cast<double>(cost.key_block);
+    cost.workspace_bytes = workers * (elt * (qk * kk + qk * (head_dim + 2.0 * value_dim) + kk * dims) +
+                                      4.0 * (qk * value_dim + 3.0 * qk));
+  } else {
+    cost.flops_useful = cost.flops_spent = 2.0 * dims * bh * static_cast<double>(nq) * static_cast<double>(keys);
+    const detail::FullBlocks blocks = detail::full_blocks(batch * heads, nq, keys);
+    cost.query_block = blocks.query;
+    cost.key_block = blocks.key;
+    const double qk = static_cast<double>(blocks.query), kk = static_cast<double>(blocks.key);
+    cost.workspace_bytes = workers * (elt * (qk * kk + qk * value_dim) + 4.0 * (qk * value_dim + 3.0 * qk));
+  }
+  return cost;
+}
+
+AttentionCounters attention_counters() {
+  std::lock_guard<std::mutex> lock(counters_mutex);
+  return counters;
+}
+
+void reset_attention_counters() {
+  std::lock_guard<std::mutex> lock(counters_mutex);
+  counters = AttentionCounters{};
+}
+
+AttentionTuning attention_tuning() {
+  std::lock_guard<std::mutex> lock(tuning_mutex);
+  return tuning_value;
+}
+
+void set_attention_tuning(const AttentionTuning& tuning) {
+  std::lock_guard<std::mutex> lock(tuning_mutex);
+  tuning_value = tuning;
+}
+
+const AttentionFn& AttentionHooks::plain_attention() {
+  static const AttentionFn fn = [](const AttentionSite&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const AttentionCall& call) { return attention(q, k, v, call); };
+  return fn;
 }
 
 }  // namespace vdit

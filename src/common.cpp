@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -56,6 +58,29 @@ std::string dtype_name(at::ScalarType t) {
     case at::kBool: return "bool";
     default: return c10::toString(t);
   }
+}
+
+bool matmul_supported(at::ScalarType dtype, at::Device device) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, std::string>, bool> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(dtype), device.str());
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  bool ok = true;
+  try {
+    at::Tensor a = at::ones({2, 2}, at::TensorOptions().dtype(dtype).device(device));
+    (void)at::matmul(a, a);
+  } catch (const std::exception&) {
+    ok = false;
+  }
+  known[key] = ok;
+  return ok;
+}
+
+void check_compute_dtype(at::ScalarType dtype, at::Device device) {
+  if (!matmul_supported(dtype, device))
+    throw InputError("--dtype " + dtype_name(dtype) + " is not supported on " + device.str() +
+                     " by this LibTorch build (use f32 or bf16)");
 }
 
 at::Device parse_device(const std::string& name) {

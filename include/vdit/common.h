@@ -33,6 +33,12 @@ void set_threads(int n);
 at::ScalarType parse_dtype(const std::string& name);
 std::string dtype_name(at::ScalarType t);
 
+// Whether matrix products in `dtype` run on `device` with this LibTorch (LibTorch 1.13 has no f16
+// GEMM on the CPU). Probed once per pair with a 2x2 product.
+bool matmul_supported(at::ScalarType dtype, at::Device device);
+// InputError, naming the option, when the compute dtype cannot run on the device.
+void check_compute_dtype(at::ScalarType dtype, at::Device device);
+
 // "cpu", "cuda", "cuda:1".
 at::Device parse_device(const std::string& name);
 

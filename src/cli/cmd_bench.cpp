@@ -1,11 +1,61 @@
-// Placeholder until the attention benchmark lands (owned by the attention engine work).
+// `vdit bench attention`: one JSON line from vdit::run_attention_bench (the same function the
+// bench/bench_attention suite runs).
 #include "commands.h"
 
+#include "vdit/attention/attention_bench.h"
 #include "vdit/common.h"
 
+#include <iostream>
+#include <memory>
+
 namespace vdit::cli {
+
 void register_bench_command(CLI::App& app, GlobalOptions& global) {
-  CLI::App* cmd = app.add_subcommand("bench", "Benchmarks");
-  cmd->callback([] { throw RuntimeError("no benchmark in this build yet"); });
+  CLI::App* bench = app.add_subcommand("bench", "Micro-benchmarks (one JSON line each)");
+  bench->require_subcommand(1);
+
+  struct Args {
+    std::string grid = "8,32,32";
+    std::string window = "full";
+    std::string dilation = "1,1,1";
+    std::string dtype;
+    std::int64_t heads = 12, head_dim = 128, batch = 1;
+    int repeats = 3;
+    double scale_factor = 1.0;
+    bool no_naive = false, no_full = false;
+    std::uint64_t seed = 0;
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = bench->add_subcommand("attention", "Time vdit attention against a plain GEMM and naive attention");
+  cmd->add_option("--grid", args->grid, "Token grid T,H,W")->capture_default_str();
+  cmd->add_option("--heads", args->heads, "Attention heads")->capture_default_str();
+  cmd->add_option("--head-dim", args->head_dim, "Head dimension")->capture_default_str();
+  cmd->add_option("--batch", args->batch, "Batch size")->capture_default_str();
+  cmd->add_option("--window", args->window, "Window sizes t,h,w (0: whole axis) or 'full'")->capture_default_str();
+  cmd->add_option("--dilation", args->dilation, "Window dilation per axis a,b,c")->capture_default_str();
+  cmd->add_option("--dtype", args->dtype, "bf16 or f32 (default: the global --dtype, else bf16)");
+  cmd->add_option("--repeats", args->repeats, "Timed runs (median reported)")->capture_default_str();
+  cmd->add_option("--scale-factor", args->scale_factor, "Softmax temperature factor (FreeSwim: 1.04608)")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Random seed of q, k, v")->capture_default_str();
+  cmd->add_flag("--no-naive", args->no_naive, "Skip the materialised attention");
+  cmd->add_flag("--no-full", args->no_full, "Windowed: skip the full-attention comparison");
+  cmd->callback([args, &global] {
+    AttentionBenchOptions o;
+    o.grid = parse_grid(args->grid);
+    o.window = parse_window(args->window, args->dilation);
+    o.heads = args->heads;
+    o.head_dim = args->head_dim;
+    o.batch = args->batch;
+    const std::string dtype = !args->dtype.empty() ? args->dtype : !global.dtype.empty() ? global.dtype : "bf16";
+    o.dtype = parse_dtype(dtype);
+    o.device = parse_device(global.device);
+    o.repeats = args->repeats;
+    o.scale_factor = args->scale_factor;
+    o.naive = !args->no_naive;
+    o.compare_full = !args->no_full;
+    o.seed = args->seed;
+    std::cout << run_attention_bench(o).dump() << std::endl;
+  });
 }
+
 }  // namespace vdit::cli

@@ -1,11 +1,20 @@
 // The one attention entry point every model calls, and the hook interface (attention processors)
 // through which guidance and editing methods change attention per layer and per head.
+//
+// Backends behind vdit::attention():
+//  - CPU, f32 or bf16: blocked attention with an online softmax. GEMMs run in the input dtype
+//    (bf16 reaches oneDNN), softmax statistics and the output accumulator are f32, and the extra
+//    memory is O(threads x query_block x key_block). Windowed attention runs dense GEMMs over 3D
+//    query boxes and the union of their windows, with the exact window applied per row.
+//  - LibTorch >= 2 on CUDA, full attention: scaled_dot_product_attention.
+//  - anything else (other dtypes, other devices): the same blocking written with plain ATen ops.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 
@@ -20,10 +29,18 @@ struct Grid3 {
 
 // A 3D neighbourhood window: per-axis kernel sizes (a size <= 0 or >= the axis means the whole
 // axis) and dilations. Windows are clamped inward at borders, so every query sees exactly
-// prod(size) keys (NATTEN's non-causal rule).
+// prod(size) keys (NATTEN's non-causal rule, stride 1).
+// Dilation d splits an axis into d interleaved groups (coordinate mod d); attention stays inside
+// a group, and in a group shorter than the kernel the kernel is clamped to the group length.
+// A size that covers the axis ignores that axis's dilation (the whole axis is visible).
 struct Window3 {
   std::array<std::int64_t, 3> size{0, 0, 0};
   std::array<std::int64_t, 3> dilation{1, 1, 1};
+};
+
+enum class AttentionBackend {
+  Auto,     // CPU blocked kernel for f32/bf16 on the CPU, SDPA on CUDA (LibTorch 2), else Generic
+  Generic,  // device-agnostic ATen-op implementation (reference quality, slower)
 };
 
 struct AttentionCall {
@@ -31,11 +48,64 @@ struct AttentionCall {
   Grid3 grid;                       // token grid of the queries (self-attention: of the keys too)
   std::optional<Window3> window;    // nullopt: full attention
   std::int64_t valid_keys = -1;     // keys at index >= valid_keys are masked out; -1: all keys
+  double scale_factor = 1.0;        // temperature multiplier on the scale (FreeSwim: 1.04608)
+  AttentionBackend backend = AttentionBackend::Auto;
 };
 
-// q [B, heads, Nq, D], k and v [B, heads, Nk, D] -> [B, heads, Nq, D] in q's dtype.
+// scale (or 1/sqrt(head_dim) when 0) times scale_factor.
+double effective_scale(const AttentionCall& call, std::int64_t head_dim);
+
+// q [B, heads, Nq, D], k [B, heads, Nk, D], v [B, heads, Nk, Dv] -> [B, heads, Nq, Dv] in q's
+// dtype and q's memory layout. Windowed calls need Nq = Nk = grid.numel(). Shape errors throw
+// vdit::InputError.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionCall& call);
+
+// The materialised reference: softmax(q kᵀ · scale + mask) v computed in q's dtype with the full
+// [B, heads, Nq, Nk] score tensor (the "naive" attention; pass f64 tensors for a reference).
+at::Tensor attention_materialized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const AttentionCall& call);
+
+// Boolean [N, N] neighbourhood mask of `window` on `grid` (true: key visible), built from the
+// per-axis NATTEN rule; N must stay small (it is N x N).
+at::Tensor neighborhood_mask(const Grid3& grid, const Window3& window);
+
+// For one axis of length n with kernel k and dilation d: the visible key coordinates of query x
+// are first, first + step, ..., last.
+struct AxisRange {
+  std::int64_t first = 0, last = 0, step = 1;
+  std::int64_t count() const { return (last - first) / step + 1; }
+};
+AxisRange window_axis_range(std::int64_t n, std::int64_t kernel, std::int64_t dilation, std::int64_t x);
+
+// FLOPs of one attention call (QKᵀ and PV, 2 per multiply-add, softmax not counted).
+struct AttentionCost {
+  double flops_useful = 0;     // 4·B·heads·D·Σ_q |visible keys of q| (D = mean of q and v dims)
+  double flops_spent = 0;      // what the CPU blocked kernel multiplies, masked-out products included
+  double workspace_bytes = 0;  // scratch the CPU blocked kernel allocates (all workers)
+  std::int64_t query_block = 0, key_block = 0;  // rows x columns of one score block
+};
+AttentionCost attention_cost(std::int64_t batch, std::int64_t heads, std::int64_t nq, std::int64_t nk,
+                             std::int64_t head_dim, std::int64_t value_dim, at::ScalarType dtype,
+                             const AttentionCall& call);
+
+// Process-wide totals over every vdit::attention() call since the last reset.
+struct AttentionCounters {
+  std::int64_t calls = 0;
+  double flops_useful = 0, flops_spent = 0;
+};
+AttentionCounters attention_counters();
+void reset_attention_counters();
+
+// Block sizes of the CPU kernel (0 keeps the built-in choice). Global; for benchmarks and tuning.
+struct AttentionTuning {
+  std::int64_t query_block = 0;    // full attention: query rows per block
+  std::int64_t key_block = 0;      // full attention: keys per block
+  std::int64_t window_queries = 0; // windowed: largest query box
+  std::int64_t window_keys = 0;    // windowed: largest key chunk of a box's window union
+};
+AttentionTuning attention_tuning();
+void set_attention_tuning(const AttentionTuning& tuning);
 
 enum class AttentionKind { Self, Cross };
 
@@ -46,15 +116,28 @@ struct AttentionSite {
   int branch = 0;  // which forward of a guided step (0 cond, 1 uncond, ...), set by pipelines
 };
 
+// Computes attention for a site: the next hook of a chain, or the plain kernel.
+using AttentionFn = std::function<at::Tensor(const AttentionSite&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const AttentionCall&)>;
+
 // An attention processor. Models call hooks->attend() instead of attention() when a hook is set;
 // with no hook the fast path runs untouched.
+// Subclasses override process(): `inner` computes attention for whatever comes after this hook
+// (the rest of a HookChain, or vdit::attention), so hooks compose. attend() runs process() with
+// the plain kernel as `inner`.
 class AttentionHooks {
  public:
   virtual ~AttentionHooks() = default;
   virtual at::Tensor attend(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const AttentionCall& call) {
-    return attention(q, k, v, call);
+    return process(site, q, k, v, call, plain_attention());
   }
+  virtual at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
+    return inner(site, q, k, v, call);
+  }
+  // vdit::attention as an AttentionFn.
+  static const AttentionFn& plain_attention();
 };
 
 }  // namespace vdit

@@ -1,0 +1,103 @@
+// Wan2.1 text-to-video / text-to-image: prompts -> umT5 -> DiT denoising with classifier-free
+// guidance under a flow-matching sampler -> causal VAE decode. Each stage loads its model, runs
+// and releases it, so peak memory is the largest model, not the sum.
+#pragma once
+
+#include "vdit/models/wan_checkpoint.h"
+#include "vdit/models/wan_vae.h"
+#include "vdit/samplers/sampler.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace vdit {
+
+class WanDiTImpl;
+
+// The fixed negative prompt of Wan2.1's configs, used when none is given.
+extern const char* const kWanDefaultNegativePrompt;
+
+struct T2VSettings {
+  std::string prompt;
+  std::string negative_prompt;  // empty: kWanDefaultNegativePrompt
+  std::int64_t width = 832, height = 480, frames = 81;
+  int steps = 50;
+  std::string sampler = "unipc";
+  std::optional<double> shift;    // default: the model's scheduler config, else 5.0
+  double guidance = 5.0;
+  std::uint64_t seed = 0;
+  std::vector<double> sigmas;     // custom schedule; empty: the sampler's own
+  at::Tensor noise;               // optional [16, F', H/8, W/8] replacing the seeded noise
+  bool batch_guidance = true;     // cond and uncond in one forward of batch 2
+};
+
+// Throws InputError, before any model is loaded, for sizes the model cannot take, suggesting
+// the nearest valid values (multiples of 16, 4n+1 frames).
+void validate_t2v_settings(const T2VSettings& settings);
+std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& settings);  // {16, F', H/8, W/8}
+// Seeded standard-normal noise drawn on the CPU with LibTorch's generator (equal to torch.randn
+// with torch.Generator("cpu").manual_seed(seed)), so a seed means the same noise on every device.
+at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t seed);
+
+struct WanT2VOptions {
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;          // DiT and text-encoder compute dtype
+  std::optional<at::Device> text_encoder_device;  // default: device
+  VAETiling vae_tiling;
+};
+
+struct StageTimes {
+  double text = 0, load = 0, denoise = 0, decode = 0;
+};
+
+struct T2VResult {
+  at::Tensor latents;  // [16, F', H/8, W/8] f32, CPU
+  at::Tensor video;    // [3, F, H, W] in [-1, 1], f32, CPU
+  StageTimes times;
+  std::map<std::string, std::string> metadata;  // settings to store with the output
+};
+
+// Called after each denoising step: (step done, total).
+using StepCallback = std::function<void(int, int)>;
+
+class WanT2VPipeline {
+ public:
+  WanT2VPipeline(WanModelFiles files, WanT2VOptions options);
+
+  // Loads the text encoder, encodes, releases it: one [L_i, text_dim] f32 tensor per prompt.
+  std::vector<at::Tensor> encode_prompts(const std::vector<std::string>& prompts);
+  // The denoising loop on prepared contexts ([L, text_dim]) from `noise` (latent shape); loads
+  // the DiT if needed. Returns the final latent.
+  at::Tensor denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
+                     const T2VSettings& settings, const StepCallback& on_step = {});
+  // Latent [16, F', h, w] -> video [3, F, H, W] in [-1, 1]; loads the VAE if needed.
+  at::Tensor decode(const at::Tensor& latent);
+  // The whole run. Stage times are filled in.
+  T2VResult generate(const T2VSettings& settings, const StepCallback& on_step = {});
+
+  void release_dit();
+  void release_vae();
+  // The sampler this pipeline would use for `settings` (scheduler config honoured).
+  std::unique_ptr<FlowSampler> make_sampler_for(const T2VSettings& settings) const;
+
+  const WanModelFiles& files() const { return files_; }
+
+ private:
+  void load_dit();
+  void load_vae();
+
+  WanModelFiles files_;
+  WanT2VOptions options_;
+  std::optional<SamplerConfig> scheduler_config_;
+  std::shared_ptr<WanDiTImpl> dit_;
+  std::optional<WanVAE> vae_;
+  StageTimes times_;
+};
+
+}  // namespace vdit

@@ -1,0 +1,234 @@
+#include "vdit/pipelines/wan_t2v.h"
+
+#include "vdit/common.h"
+#include "vdit/io/checkpoint.h"
+#include "vdit/models/umt5.h"
+#include "vdit/models/wan_dit.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
+
+#include <chrono>
+#include <cmath>
+#include <sstream>
+
+namespace vdit {
+
+const char* const kWanDefaultNegativePrompt =
+    "\u8272\u8c03\u8273\u4e3d\uff0c\u8fc7\u66dd\uff0c\u9759\u6001\uff0c\u7ec6\u8282\u6a21\u7cca\u4e0d\u6e05\uff0c"
+    "\u5b57\u5e55\uff0c\u98ce\u683c\uff0c\u4f5c\u54c1\uff0c\u753b\u4f5c\uff0c\u753b\u9762\uff0c\u9759\u6b62\uff0c"
+    "\u6574\u4f53\u53d1\u7070\uff0c\u6700\u5dee\u8d28\u91cf\uff0c\u4f4e\u8d28\u91cf\uff0cJPEG\u538b\u7f29\u6b8b\u7559"
+    "\uff0c\u4e11\u964b\u7684\uff0c\u6b8b\u7f3a\u7684\uff0c\u591a\u4f59\u7684\u624b\u6307\uff0c\u753b\u5f97\u4e0d\u597d"
+    "\u7684\u624b\u90e8\uff0c\u753b\u5f97\u4e0d\u597d\u7684\u8138\u90e8\uff0c\u7578\u5f62\u7684\uff0c\u6bc1\u5bb9\u7684"
+    "\uff0c\u5f62\u6001\u7578\u5f62\u7684\u80a2\u4f53\uff0c\u624b\u6307\u878d\u5408\uff0c\u9759\u6b62\u4e0d\u52a8\u7684"
+    "\u753b\u9762\uff0c\u6742\u4e71\u7684\u80cc\u666f\uff0c\u4e09\u6761\u817f\uff0c\u80cc\u666f\u4eba\u5f88\u591a\uff0c"
+    "\u5012\u7740\u8d70";
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::int64_t nearest_multiple(std::int64_t v, std::int64_t m) {
+  std::int64_t r = (v + m / 2) / m * m;
+  return r < m ? m : r;
+}
+
+}  // namespace
+
+void validate_t2v_settings(const T2VSettings& s) {
+  if (s.width <= 0 || s.height <= 0 || s.width % 16 != 0 || s.height % 16 != 0) {
+    throw InputError("size " + std::to_string(s.width) + "x" + std::to_string(s.height) +
+                     " is not a multiple of 16 on both sides; nearest valid: " + std::to_string(nearest_multiple(s.width, 16)) +
+                     "x" + std::to_string(nearest_multiple(s.height, 16)));
+  }
+  if (s.frames < 1 || (s.frames - 1) % 4 != 0) {
+    const std::int64_t below = s.frames < 1 ? 1 : (s.frames - 1) / 4 * 4 + 1;
+    throw InputError("--frames " + std::to_string(s.frames) + " is not 4n+1; nearest valid: " + std::to_string(below) +
+                     (s.frames > 1 ? " or " + std::to_string(below + 4) : std::string()));
+  }
+  if (s.steps < 1 && s.sigmas.empty()) throw InputError("--steps must be at least 1");
+  if (s.shift && !(*s.shift > 0)) throw InputError("--shift must be positive");
+  if (!std::isfinite(s.guidance)) throw InputError("--guidance must be a finite number");
+  if (s.sampler != "unipc" && s.sampler != "dpm++" && s.sampler != "euler")
+    throw InputError("unknown sampler '" + s.sampler + "' (expected unipc, dpm++ or euler)");
+  if (s.noise.defined()) {
+    auto expected = t2v_latent_shape(s);
+    if (s.noise.sizes().vec() != expected) {
+      std::ostringstream msg;
+      msg << "--noise tensor has shape " << s.noise.sizes() << " but this size needs " << at::IntArrayRef(expected);
+      throw InputError(msg.str());
+    }
+  }
+}
+
+std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& s) {
+  return {16, (s.frames - 1) / 4 + 1, s.height / 8, s.width / 8};
+}
+
+at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen, at::TensorOptions().dtype(at::kFloat));
+}
+
+WanT2VPipeline::WanT2VPipeline(WanModelFiles files, WanT2VOptions options)
+    : files_(std::move(files)), options_(options) {
+  if (!files_.scheduler_config.empty()) scheduler_config_ = read_scheduler_config(files_.scheduler_config);
+}
+
+std::unique_ptr<FlowSampler> WanT2VPipeline::make_sampler_for(const T2VSettings& settings) const {
+  SamplerConfig config = scheduler_config_ ? *scheduler_config_ : SamplerConfig{};
+  if (config.name != settings.sampler) {
+    // The model's scheduler config names one solver; a different --sampler keeps only its shift
+    // and training steps.
+    SamplerConfig fresh;
+    fresh.name = settings.sampler;
+    fresh.shift = config.shift;
+    fresh.num_train_timesteps = config.num_train_timesteps;
+    if (scheduler_config_) fresh.grid = config.grid;
+    config = fresh;
+  }
+  if (settings.sampler == "euler") config.solver_order = 1;
+  auto sampler = make_sampler(config);
+  if (!settings.sigmas.empty()) {
+    sampler->set_sigmas(settings.sigmas);
+  } else {
+    sampler->set_schedule(settings.steps, settings.shift ? *settings.shift : config.shift);
+  }
+  return sampler;
+}
+
+std::vector<at::Tensor> WanT2VPipeline::encode_prompts(const std::vector<std::string>& prompts) {
+  c10::InferenceMode guard;
+  const auto t0 = std::chrono::steady_clock::now();
+  const at::Device device = options_.text_encoder_device ? *options_.text_encoder_device : options_.device;
+  std::vector<at::Tensor> out;
+  {
+    log_verbose("loading text encoder " + files_.text_encoder);
+    TextEncoder encoder = TextEncoder::from_files(files_.text_encoder, files_.tokenizer, options_.dtype, device);
+    out = encoder.encode(prompts);
+    for (auto& t : out) t = t.to(options_.device, at::kFloat);
+  }  // the encoder is released here, before the DiT is loaded
+  times_.text += seconds_since(t0);
+  return out;
+}
+
+void WanT2VPipeline::load_dit() {
+  if (dit_) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::shared_ptr<WeightFile>> weights;
+  for (const auto& path : files_.dit) weights.push_back(WeightFile::open(path));
+  WanDiTConfig config = files_.dit_config.empty() ? WanDiTConfig::infer_from_weights(weights)
+                                                  : WanDiTConfig::from_file(files_.dit_config);
+  log_verbose("loading DiT " + files_.dit.front());
+  WanDiT model(config);
+  model->to(options_.device);
+  load_wan_dit_weights(model, weights, options_.dtype);
+  model->eval();
+  dit_ = model.ptr();
+  times_.load += seconds_since(t0);
+}
+
+void WanT2VPipeline::load_vae() {
+  if (vae_) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto weights = WeightFile::open(files_.vae);
+  WanVAEConfig config = WanVAEConfig::infer_from_weights(*weights);
+  WanVAE vae(config);
+  vae->to(options_.device);
+  load_wan_vae_weights(vae, *weights, at::kFloat);  // the reference VAE runs in f32
+  vae->eval();
+  vae_ = vae;
+  times_.load += seconds_since(t0);
+}
+
+void WanT2VPipeline::release_dit() { dit_.reset(); }
+void WanT2VPipeline::release_vae() { vae_.reset(); }
+
+at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
+                                   const T2VSettings& settings, const StepCallback& on_step) {
+  c10::InferenceMode guard;
+  load_dit();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto sampler = make_sampler_for(settings);
+  const bool guided = settings.guidance != 1.0;
+
+  WanTextCondition cond = dit_->encode_text(context.to(options_.device).unsqueeze(0));
+  WanTextCondition both;
+  WanTextCondition uncond;
+  if (guided) {
+    uncond = dit_->encode_text(context_null.to(options_.device).unsqueeze(0));
+    if (settings.batch_guidance) both = WanTextCondition::cat({cond, uncond});
+  }
+
+  at::Tensor x = noise.to(options_.device, at::kFloat).unsqueeze(0);  // [1, 16, F', h, w]
+  const int total = sampler->num_steps();
+  for (int i = sampler->begin_index(); i < total; ++i) {
+    const auto t = at::full({1}, static_cast<double>(sampler->timesteps()[i]), x.options());
+    at::Tensor velocity;
+    if (!guided) {
+      velocity = dit_->forward(x, t, cond);
+    } else if (settings.batch_guidance) {
+      at::Tensor out = dit_->forward(at::cat({x, x}), t.expand({2}), both);
+      at::Tensor v_cond = out.narrow(0, 0, 1), v_uncond = out.narrow(0, 1, 1);
+      velocity = v_uncond + settings.guidance * (v_cond - v_uncond);
+    } else {
+      at::Tensor v_cond = dit_->forward(x, t, cond);
+      at::Tensor v_uncond = dit_->forward(x, t, uncond);
+      velocity = v_uncond + settings.guidance * (v_cond - v_uncond);
+    }
+    x = sampler->step(velocity, i, x);
+    if (on_step) on_step(i + 1 - sampler->begin_index(), total - sampler->begin_index());
+  }
+  times_.denoise += seconds_since(t0);
+  return x.squeeze(0).to(at::kCPU);
+}
+
+at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
+  c10::InferenceMode guard;
+  load_vae();
+  const auto t0 = std::chrono::steady_clock::now();
+  at::Tensor video = (*vae_)->decode(latent.to(options_.device, at::kFloat).unsqueeze(0), options_.vae_tiling);
+  times_.decode += seconds_since(t0);
+  return video.squeeze(0).to(at::kCPU);
+}
+
+T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
+  validate_t2v_settings(settings);
+  times_ = StageTimes{};
+  const std::string negative = settings.negative_prompt.empty() ? kWanDefaultNegativePrompt : settings.negative_prompt;
+  std::vector<std::string> prompts{settings.prompt};
+  const bool guided = settings.guidance != 1.0;
+  if (guided) prompts.push_back(negative);
+  auto contexts = encode_prompts(prompts);
+
+  at::Tensor noise = settings.noise.defined() ? settings.noise.to(at::kFloat) : seeded_noise(t2v_latent_shape(settings), settings.seed);
+  T2VResult result;
+  result.latents = denoise(noise, contexts[0], guided ? contexts[1] : contexts[0], settings, on_step);
+  release_dit();
+  result.video = decode(result.latents);
+  result.times = times_;
+
+  auto sampler = make_sampler_for(settings);
+  std::ostringstream shift;
+  shift << (settings.shift ? *settings.shift : (scheduler_config_ ? scheduler_config_->shift : 5.0));
+  std::ostringstream guidance;
+  guidance << settings.guidance;
+  result.metadata = {
+      {"prompt", settings.prompt},
+      {"negative_prompt", negative},
+      {"seed", settings.noise.defined() ? std::string("none (--noise file)") : std::to_string(settings.seed)},
+      {"size", std::to_string(settings.width) + "x" + std::to_string(settings.height)},
+      {"frames", std::to_string(settings.frames)},
+      {"steps", std::to_string(sampler->num_steps())},
+      {"sampler", settings.sampler},
+      {"shift", shift.str()},
+      {"guidance", guidance.str()},
+      {"model", files_.root.empty() ? files_.dit.front() : files_.root},
+      {"software", "vdit"},
+  };
+  return result;
+}
+
+}  // namespace vdit

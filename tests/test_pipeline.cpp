@@ -1,0 +1,204 @@
+#include <catch2/catch.hpp>
+
+#include "tiny_models.h"
+#include "vdit/common.h"
+#include "vdit/io/image_io.h"
+#include "vdit/io/safetensors.h"
+#include "vdit/io/video_io.h"
+#include "vdit/pipelines/wan_t2v.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+
+namespace fs = std::filesystem;
+using namespace vdit;
+using vdit_test::fixture;
+
+namespace {
+
+fs::path temp_dir(const std::string& name) {
+  fs::path dir = fs::temp_directory_path() / ("vdit-test-" + name + "-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) { return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>(); }
+
+// Runs the vdit CLI; returns its exit code and fills `output` with stdout+stderr.
+int run_vdit(const std::string& args, std::string* output = nullptr) {
+  const std::string log = (fs::temp_directory_path() / ("vdit-cli-" + std::to_string(::getpid()) + ".log")).string();
+  const std::string command = std::string(VDIT_BINARY) + " --threads 2 " + args + " > " + log + " 2>&1";
+  const int status = std::system(command.c_str());
+  if (output) {
+    std::ifstream in(log);
+    *output = std::string((std::istreambuf_iterator<char>(in)), {});
+  }
+  fs::remove(log);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+}  // namespace
+
+TEST_CASE("seeded noise equals torch.randn with a seeded CPU generator", "[pipeline]") {
+  auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
+  at::Tensor noise = file->tensor("noise");
+  CHECK(at::equal(seeded_noise({16, 3, 4, 6}, 5002), noise));
+}
+
+TEST_CASE("end-to-end generate reproduces the reference WanT2V.generate", "[pipeline][e2e]") {
+  // Tolerances from e2e/manifest.json: x0 and video atol = rtol = 1e-3.
+  auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
+  WanModelFiles files;
+  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
+  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
+  files.vae = fixture("wan-tiny/vae/weights.safetensors");
+  WanT2VPipeline pipeline(files, WanT2VOptions{});
+
+  T2VSettings settings;
+  settings.width = 48;
+  settings.height = 32;
+  settings.frames = 9;
+  settings.steps = 4;
+  settings.shift = 5.0;
+  settings.guidance = 5.0;
+  for (const auto& [solver, name] : std::vector<std::pair<std::string, std::string>>{{"unipc", "unipc"}, {"dpm++", "dpmpp"}}) {
+    for (bool batched : {true, false}) {
+      INFO("solver " << solver << (batched ? " batched cond/uncond" : " separate passes"));
+      settings.sampler = solver;
+      settings.batch_guidance = batched;
+      const std::vector<std::int64_t> expected_t = name == "unipc" ? std::vector<std::int64_t>{999, 937, 833, 624}
+                                                                   : std::vector<std::int64_t>{1000, 937, 833, 625};
+      CHECK(pipeline.make_sampler_for(settings)->timesteps() == expected_t);
+      at::Tensor x0 = pipeline.denoise(file->tensor("noise"), file->tensor("context_positive"), file->tensor("context_negative"), settings);
+      at::Tensor ref_x0 = file->tensor(name + ".x0");
+      const double x0_err = max_abs_diff(x0, ref_x0);
+      WARN(solver << (batched ? " batched" : " separate") << ": max |x0 - ref| = " << x0_err);
+      CHECK(at::allclose(x0, ref_x0, 1e-3, 1e-3));
+      if (batched) {
+        at::Tensor video = pipeline.decode(x0);
+        at::Tensor ref_video = file->tensor(name + ".video");
+        REQUIRE(video.sizes() == ref_video.sizes());
+        WARN(solver << ": max |video - ref| = " << max_abs_diff(video, ref_video));
+        CHECK(at::allclose(video, ref_video, 1e-3, 1e-3));
+      }
+    }
+  }
+}
+
+TEST_CASE("invalid sizes, frame counts and samplers are rejected with suggestions", "[pipeline]") {
+  T2VSettings s;
+  s.width = 50;
+  s.height = 32;
+  s.frames = 9;
+  CHECK_THROWS_WITH(validate_t2v_settings(s), Catch::Contains("nearest valid: 48x32"));
+  s.width = 48;
+  s.frames = 10;
+  CHECK_THROWS_WITH(validate_t2v_settings(s), Catch::Contains("nearest valid: 9 or 13"));
+  s.frames = 9;
+  s.sampler = "ddim";
+  CHECK_THROWS_AS(validate_t2v_settings(s), InputError);
+  s.sampler = "euler";
+  s.noise = at::zeros({16, 2, 4, 6});
+  CHECK_THROWS_WITH(validate_t2v_settings(s), Catch::Contains("--noise"));
+  s.noise = at::zeros({16, 3, 4, 6});
+  CHECK_NOTHROW(validate_t2v_settings(s));
+}
+
+TEST_CASE("vdit generate runs a tiny checkpoint in each layout and writes MP4 and PNG with metadata", "[pipeline][cli]") {
+  const fs::path root = temp_dir("layouts");
+  for (const std::string layout : {"original", "diffusers", "comfyui"}) {
+    INFO("layout " << layout);
+    const fs::path model = vdit_test::make_tiny_model(root / layout, layout);
+    std::string out;
+    REQUIRE(run_vdit("info " + model.string(), &out) == 0);
+    CHECK(out.find("(" + layout + " layout)") != std::string::npos);
+    CHECK(out.find("dit: Wan2.1 T2V DiT") != std::string::npos);
+    CHECK(out.find("text encoder: umT5") != std::string::npos);
+    CHECK(out.find("vae: Wan2.1 causal 3D VAE") != std::string::npos);
+
+    const fs::path mp4 = root / (layout + ".mp4");
+    // A single-file ComfyUI DiT does not store its head count: the user names a config.
+    const std::string config = layout == "comfyui" ? " --dit-config " + fixture("wan-tiny/e2e/dit_config.json") : std::string();
+    const std::string common = "generate -m " + model.string() + config + " -p 'a red circle moving right' --size 48x32 --steps 3 --seed 7 ";
+    if (layout == "comfyui") {
+      REQUIRE(run_vdit("generate -m " + model.string() + " -p x --size 48x32 --frames 9 -o " + (root / "x.mp4").string(), &out) == 2);
+      CHECK(out.find("--dit-config") != std::string::npos);
+    }
+    REQUIRE(run_vdit(common + "--frames 9 -o " + mp4.string(), &out) == 0);
+    INFO(out);
+    VideoData video = read_video(mp4.string());
+    CHECK(video.frames.size(1) == 9);
+    CHECK(video.frames.size(2) == 32);
+    CHECK(video.frames.size(3) == 48);
+    CHECK(video.fps == Approx(16.0));
+    auto meta = read_video_metadata(mp4.string());
+    std::string all;
+    for (const auto& [k, v] : meta) all += k + "=" + v + "\n";
+    CHECK(all.find("a red circle moving right") != std::string::npos);
+    CHECK(all.find("seed") != std::string::npos);
+
+    const fs::path png = root / (layout + ".png");
+    REQUIRE(run_vdit(common + "--frames 1 -o " + png.string(), &out) == 0);
+    at::Tensor image = read_image(png.string());
+    CHECK(image.sizes() == at::IntArrayRef({3, 32, 48}));
+    auto text = read_png_text(png.string());
+    REQUIRE(!text.empty());
+    CHECK(text[0].first == "parameters");
+    CHECK(text[0].second.find("a red circle moving right") != std::string::npos);
+    CHECK(text[0].second.find("Seed: 7") != std::string::npos);
+    CHECK(text[0].second.find("Steps: 3") != std::string::npos);
+  }
+  fs::remove_all(root);
+}
+
+TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 without touching outputs", "[pipeline][cli]") {
+  const fs::path root = temp_dir("cli");
+  const fs::path model = vdit_test::make_tiny_model(root / "model", "diffusers");
+  const std::string common = "generate -m " + model.string() + " -p 'a blue square' --size 32x32 --frames 5 --steps 2 --seed 3 ";
+  std::string out;
+  REQUIRE(run_vdit(common + "-o " + (root / "a.mp4").string() + " --save-latents " + (root / "a.safetensors").string(), &out) == 0);
+  REQUIRE(run_vdit(common + "-o " + (root / "b.mp4").string() + " --save-latents " + (root / "b.safetensors").string(), &out) == 0);
+  at::Tensor a = SafetensorsFile::open((root / "a.safetensors").string())->tensor("latents");
+  at::Tensor b = SafetensorsFile::open((root / "b.safetensors").string())->tensor("latents");
+  CHECK(at::equal(a, b));
+  CHECK(a.sizes() == at::IntArrayRef({16, 2, 4, 4}));
+
+  // --noise replaces the seeded noise: the saved noise of seed 3 reproduces the same latents.
+  write_safetensors((root / "noise.safetensors").string(), {{"noise", seeded_noise({16, 2, 4, 4}, 3), std::nullopt}});
+  REQUIRE(run_vdit("generate -m " + model.string() + " -p 'a blue square' --size 32x32 --frames 5 --steps 2 --seed 99 --noise " +
+                       (root / "noise.safetensors").string() + " -o " + (root / "c.mp4").string() + " --save-latents " +
+                       (root / "c.safetensors").string(), &out) == 0);
+  CHECK(at::equal(SafetensorsFile::open((root / "c.safetensors").string())->tensor("latents"), a));
+
+  const auto before = fs::file_size(root / "a.mp4");
+  const auto mtime = fs::last_write_time(root / "a.mp4");
+  struct Bad {
+    std::string args, message;
+  };
+  const std::vector<Bad> bad = {
+      {common + "-o " + (root / "a.mp4").string(), "exists"},
+      {"generate -m " + model.string() + " -p x --size 30x32 --frames 5 -o " + (root / "d.mp4").string(), "nearest valid: 32x32"},
+      {"generate -m " + model.string() + " -p x --size 32x32 --frames 6 -o " + (root / "d.mp4").string(), "4n+1"},
+      {"generate -m " + model.string() + " -p x --size 32x32 --frames 5 --sampler ddim -o " + (root / "d.mp4").string(), "unknown sampler"},
+      {"generate -m " + (root / "missing").string() + " -p x --size 32x32 --frames 5 -o " + (root / "d.mp4").string(), "no such model"},
+      {"generate -m " + model.string() + " -p x --size 32x32 --frames 5 --noise " + (root / "nope.safetensors").string() + " -o " +
+           (root / "d.mp4").string(), "nope.safetensors"},
+      {"info " + std::string(VDIT_FIXTURES_DIR) + "/malformed/overlap.safetensors", "overlaps"},
+      {"generate -p x --bogus-option", "bogus"},
+  };
+  for (const auto& c : bad) {
+    INFO(c.args);
+    REQUIRE(run_vdit(c.args, &out) == 2);
+    INFO(out);
+    CHECK(out.find(c.message) != std::string::npos);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+  }
+  CHECK(fs::file_size(root / "a.mp4") == before);
+  CHECK(fs::last_write_time(root / "a.mp4") == mtime);
+  CHECK(!fs::exists(root / "d.mp4"));
+  fs::remove_all(root);
+}
