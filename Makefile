@@ -30,8 +30,8 @@ bench: build
 
 test-asan: deps
 	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVDIT_SANITIZE=ON -DVDIT_PCH=OFF -DVDIT_BUILD_BENCH=OFF $(CMAKE_FLAGS)
-	cmake --build $(ASAN_DIR) -j $(JOBS) --target vdit_tests
-	cd $(ASAN_DIR) && ASAN_OPTIONS=detect_leaks=0 ./vdit_tests "[safetensors]"
+	cmake --build $(ASAN_DIR) -j $(JOBS) --target vdit_checkpoint_tests
+	cd $(ASAN_DIR) && ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ./vdit_checkpoint_tests "[safetensors]"
 
 clean:
 	rm -rf $(BUILD_DIR) $(ASAN_DIR)
