@@ -146,7 +146,9 @@ AttentionCost attention_cost(std::int64_t batch, std::int64_t heads, std::int64_
   AttentionCost cost;
   const double bh = static_cast<double>(batch * heads);
   const double dims = static_cast<double>(head_dim + value_dim);
-  const double elt = static_cast<double>(c10::elementSize(dtype));
+  // The CPU backend widens bf16 blocks to f32 for its GEMMs unless it runs them in bf16.
+  const bool widened = dtype == at::kBFloat16 && !detail::bf16_gemms();
+  const double elt = widened ? 4.0 : static_cast<double>(c10::elementSize(dtype));
   const int workers = detail::worker_count(std::numeric_limits<std::int64_t>::max());
   const std::int64_t keys = keys_used(call, nk);
   const std::optional<Window3> window = effective_window(call);
@@ -157,7 +159,8 @@ AttentionCost attention_cost(std::int64_t batch, std::int64_t heads, std::int64_
     cost.query_block = plan->max_box_queries;
     cost.key_block = plan->max_chunk_keys;
     const double qk = static_cast<double>(cost.query_block), kk = static_cast<double>(cost.key_block);
-    cost.workspace_bytes = workers * (elt * (qk * kk + qk * (head_dim + 2.0 * value_dim) + kk * dims) +
+    // Per worker: f32 scores, gather buffers for q/k/v/out, f32 accumulator and row statistics.
+    cost.workspace_bytes = workers * (4.0 * qk * kk + elt * (qk * (head_dim + value_dim) + kk * dims) +
                                       4.0 * (qk * value_dim + 3.0 * qk));
   } else {
     cost.flops_useful = cost.flops_spent = 2.0 * dims * bh * static_cast<double>(nq) * static_cast<double>(keys);
@@ -165,7 +168,10 @@ AttentionCost attention_cost(std::int64_t batch, std::int64_t heads, std::int64_
     cost.query_block = blocks.query;
     cost.key_block = blocks.key;
     const double qk = static_cast<double>(blocks.query), kk = static_cast<double>(blocks.key);
-    cost.workspace_bytes = workers * (elt * (qk * kk + qk * value_dim) + 4.0 * (qk * value_dim + 3.0 * qk));
+    // Per worker: f32 scores (P overwrites them), f32 accumulator and row statistics, and when
+    // widening the f32 copies of one head's keys and values and of the query block.
+    const double widened_bytes = widened ? 4.0 * (static_cast<double>(keys) * dims + qk * head_dim) : 0.0;
+    cost.workspace_bytes = workers * (4.0 * qk * kk + 4.0 * (qk * value_dim + 3.0 * qk) + widened_bytes);
   }
   return cost;
 }

@@ -87,7 +87,12 @@ std::vector<std::int64_t> parse_ints(const std::string& text, const std::string&
 
 std::string backend_name(const AttentionBenchOptions& o, bool windowed) {
   const bool cpu_kernel = o.device.is_cpu() && (o.dtype == at::kFloat || o.dtype == at::kBFloat16);
-  if (cpu_kernel) return std::string(windowed ? "cpu-window-" : "cpu-blocked-") + detail::kernel_isa();
+  if (cpu_kernel) {
+    // bf16 inputs: which dtype the GEMMs ran in (see cpu_attention.cpp on why f32 without AMX).
+    const bool f32_gemm = o.dtype == at::kFloat || !detail::bf16_gemms();
+    return std::string(windowed ? "cpu-window-" : "cpu-blocked-") + detail::kernel_isa() +
+           (f32_gemm ? "-gemm-f32" : "-gemm-bf16");
+  }
 #if TORCH_VERSION_MAJOR >= 2
   if (o.device.is_cuda() && !windowed) return "sdpa";
 #endif

@@ -69,16 +69,17 @@ struct RowWindow {
   bool dense() const { return !lo[0] && !lo[1] && !lo[2]; }
 };
 
-// One online-softmax step, in place: s holds raw scores q·k [rows, cols] (contiguous) and becomes
-// the unnormalised probabilities exp(s·scale − m_new) (0 on invalid columns). m (running max of
-// the scaled scores), l (running sum) and alpha (factor to rescale the accumulator by) are per row.
+// One online-softmax step. s holds the raw f32 scores q·k [rows, cols] (contiguous); it is
+// overwritten in place by the unnormalised probabilities exp(s·scale − m_new) (0 on invalid
+// columns) as T: row r of P starts where row r of s starts, so P has a leading dimension of
+// cols·4/sizeof(T) elements. m (running max of the scaled scores), l (running sum) and alpha
+// (factor to rescale the accumulator by) are per row.
 template <class T>
-void online_softmax_block(T* s, std::int64_t rows, std::int64_t cols, const RowWindow& window, float scale,
+void online_softmax_block(float* s, std::int64_t rows, std::int64_t cols, const RowWindow& window, float scale,
                           float* m, float* l, float* alpha);
 
-// acc[r] = first ? o[r] : acc[r]·alpha[r] + o[r]; o is [rows, dv] contiguous, acc f32 likewise.
-template <class T>
-void accumulate_rows(const T* o, std::int64_t rows, std::int64_t dv, const float* alpha, float* acc, bool first);
+// acc[r] *= alpha[r]; acc is [rows, dv] contiguous.
+void scale_rows(float* acc, std::int64_t rows, std::int64_t dv, const float* alpha);
 
 // out[r] = acc[r] / l[r] (0 when l[r] == 0); out rows are ld_out elements apart.
 template <class T>
@@ -104,6 +105,11 @@ at::Tensor cpu_window_attention(const at::Tensor& q, const at::Tensor& k, const 
 at::Tensor generic_full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 at::Tensor generic_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                     const WindowPlan& plan, const Grid3& grid);
+
+// Whether the CPU backend runs its GEMMs in bf16 for bf16 inputs (AMX present, or forced by the
+// tuning); otherwise bf16 blocks are widened to f32 for the GEMMs.
+bool cpu_has_amx_bf16();
+bool bf16_gemms();
 
 // Block sizes of the CPU full-attention kernel for these sizes (tuning applied).
 struct FullBlocks {

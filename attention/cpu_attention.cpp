@@ -1,6 +1,12 @@
 // CPU backend: blocked attention with an online softmax (full), and dense GEMMs over 3D query
-// boxes and the union of their windows (windowed). f32 and bf16; GEMMs in the input dtype through
-// at::mm_out (bf16 reaches oneDNN, f32 the BLAS), softmax statistics and accumulators in f32.
+// boxes and the union of their windows (windowed). f32 and bf16 inputs; GEMMs produce f32,
+// softmax statistics and accumulators are f32.
+//
+// GEMM dtype for bf16 inputs: measured with oneDNN 2.6 on an AVX512-BF16 Xeon without AMX, the
+// bf16 GEMM (dnnl_gemm_bf16bf16f32) runs at ~82 GFLOP/s per core and the f32 one at ~150, so
+// there bf16 blocks are widened to f32 as they are used (per worker, per head: O(tokens) extra
+// memory) and the GEMMs run in f32, which is also more accurate. With AMX (where oneDNN's bf16
+// path is several times the f32 rate) the GEMMs take bf16 directly and P is rounded to bf16.
 //
 // Threading: tasks are (batch·head, query block) pairs pulled by workers from one atomic counter,
 // each worker with single-threaded GEMMs and its own buffers. The alternative, one multi-threaded
@@ -11,14 +17,17 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <cpuid.h>
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace vdit::detail {
@@ -96,53 +105,161 @@ at::Tensor box_view(const at::Tensor& mat, const Grid3& grid, const std::int64_t
   return t;
 }
 
+// The GEMMs: C[M, N] (f32, row-major, leading dimension ldc) = A[M, K] · op(B) + beta·C with A, B
+// in T. oneDNN's C API takes bf16 inputs with an f32 result, so scores reach the softmax unrounded
+// and the PV products accumulate in f32 across key blocks; both are reached through dlsym, like
+// the OpenMP runtime. Without them (another LibTorch build), ATen in f32 does the same.
+using DnnlGemmBf16 = int (*)(char, char, std::int64_t, std::int64_t, std::int64_t, float, const std::uint16_t*,
+                             std::int64_t, const std::uint16_t*, std::int64_t, float, float*, std::int64_t);
+using DnnlGemmF32 = int (*)(char, char, std::int64_t, std::int64_t, std::int64_t, float, const float*, std::int64_t,
+                            const float*, std::int64_t, float, float*, std::int64_t);
+
 template <class T>
-struct Stats {
+void gemm_f32(bool b_transposed, std::int64_t M, std::int64_t N, std::int64_t K, const T* A, std::int64_t lda,
+              const T* B, std::int64_t ldb, float beta, float* C, std::int64_t ldc) {
+  const char tb = b_transposed ? 'T' : 'N';
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    static const auto fn = reinterpret_cast<DnnlGemmBf16>(dlsym(RTLD_DEFAULT, "dnnl_gemm_bf16bf16f32"));
+    if (fn && fn('N', tb, M, N, K, 1.f, reinterpret_cast<const std::uint16_t*>(A), lda,
+                 reinterpret_cast<const std::uint16_t*>(B), ldb, beta, C, ldc) == 0)
+      return;
+  } else {
+    static const auto fn = reinterpret_cast<DnnlGemmF32>(dlsym(RTLD_DEFAULT, "dnnl_sgemm"));
+    if (fn && fn('N', tb, M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc) == 0) return;
+  }
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  const at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, dtype).to(at::kFloat);
+  const at::Tensor b = b_transposed ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, dtype).to(at::kFloat).t()
+                                    : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, dtype).to(at::kFloat);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, at::kFloat);
+  if (beta == 0.f)
+    at::mm_out(c, a, b);
+  else
+    c.mul_(beta).addmm_(a, b);
+}
+
+// Per-row online-softmax state of one query block.
+struct RowStats {
   std::vector<float> m, l, alpha;
-  explicit Stats(std::int64_t rows) : m(rows), l(rows), alpha(rows) {}
+  explicit RowStats(std::int64_t rows) : m(rows), l(rows), alpha(rows) {}
   void reset(std::int64_t rows) {
     std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
     std::fill(l.begin(), l.begin() + rows, 0.f);
   }
 };
 
+// One key block of one query block: scores, online softmax (P in place over the scores, as T),
+// rescale of the accumulator, acc += P·V.
 template <class T>
+void attend_block(const T* q, std::int64_t ldq, const T* k, std::int64_t ldk, const T* v, std::int64_t ldv,
+                  std::int64_t rows, std::int64_t cols, std::int64_t D, std::int64_t Dv, const RowWindow& win,
+                  float scale, float* scores, RowStats& st, float* acc, bool first) {
+  gemm_f32<T>(true, rows, cols, D, q, ldq, k, ldk, 0.f, scores, cols);
+  online_softmax_block<T>(scores, rows, cols, win, scale, st.m.data(), st.l.data(), st.alpha.data());
+  if (!first) scale_rows(acc, rows, Dv, st.alpha.data());
+  const std::int64_t ldp = cols * static_cast<std::int64_t>(sizeof(float) / sizeof(T));
+  gemm_f32<T>(false, rows, Dv, cols, reinterpret_cast<const T*>(scores), ldp, v, ldv, first ? 0.f : 1.f, acc, Dv);
+}
+
+template <class T>
+const T* head_ptr(const at::Tensor& t, std::int64_t b, std::int64_t h) {
+  return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1);
+}
+
+
+template <class T, class C>
+inline void convert_run(const T* src, std::int64_t n, C* dst) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    // bf16 -> f32 is a 16-bit shift; written on the raw bits so the compiler vectorises it.
+    static_assert(std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>);
+    const auto* bits = reinterpret_cast<const std::uint16_t*>(src);
+    auto* out = reinterpret_cast<std::uint32_t*>(dst);
+    for (std::int64_t j = 0; j < n; ++j) out[j] = static_cast<std::uint32_t>(bits[j]) << 16;
+  }
+}
+
+// A [a, b, c, D] box view (last dim contiguous) -> contiguous [a·b·c, D] rows in C, copying the
+// longest contiguous runs (ATen's strided copy with a dtype change is several times slower here).
+template <class T, class C>
+void gather_box(const at::Tensor& box, C* dst) {
+  const std::int64_t n0 = box.size(0), n1 = box.size(1), n2 = box.size(2), D = box.size(3);
+  const std::int64_t s0 = box.stride(0), s1 = box.stride(1), s2 = box.stride(2);
+  const T* base = box.data_ptr<T>();
+  const bool rows_contiguous = n2 == 1 || s2 == D;
+  for (std::int64_t i0 = 0; i0 < n0; ++i0) {
+    for (std::int64_t i1 = 0; i1 < n1; ++i1) {
+      const T* src = base + i0 * s0 + i1 * s1;
+      C* out = dst + (i0 * n1 + i1) * n2 * D;
+      if (rows_contiguous) {
+        convert_run(src, n2 * D, out);
+      } else {
+        for (std::int64_t i2 = 0; i2 < n2; ++i2) convert_run(src + i2 * s2, D, out + i2 * D);
+      }
+    }
+  }
+}
+
+// rows × cols bf16 (row stride ld) -> contiguous f32.
+void widen_rows(const c10::BFloat16* src, std::int64_t ld, std::int64_t rows, std::int64_t cols, float* dst) {
+  for (std::int64_t r = 0; r < rows; ++r) convert_run(src + r * ld, cols, dst + r * cols);
+}
+
+// Rows of a T matrix as seen by GEMMs in C: the matrix itself when C == T, else a widened copy
+// in `buffer` (resized as needed). Returns the data pointer and sets ld.
+template <class T, class C>
+const C* gemm_rows(const T* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols, std::vector<C>& buffer,
+                   std::int64_t& ld) {
+  if constexpr (std::is_same_v<T, C>) {
+    ld = ld_src;
+    return src;
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>);
+    if (static_cast<std::int64_t>(buffer.size()) < rows * cols) buffer.resize(rows * cols);
+    widen_rows(src, ld_src, rows, cols, buffer.data());
+    ld = cols;
+    return buffer.data();
+  }
+}
+
+template <class T, class C>
 void full_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, float scale) {
-  const auto B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), Dv = v.size(3);
+  const auto B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3), Dv = v.size(3);
   const FullBlocks blocks = full_blocks(B * H, Nq, Nk);
   const std::int64_t q_blocks = (Nq + blocks.query - 1) / blocks.query;
   const std::int64_t tasks = B * H * q_blocks;
   std::atomic<std::int64_t> next{0};
   run_workers(worker_count(tasks), [&](int) {
-    at::NoGradGuard no_grad;
-    at::Tensor scores = at::empty({blocks.query * blocks.key}, q.options());
-    at::Tensor partial = at::empty({blocks.query * Dv}, q.options());
-    std::vector<float> acc(blocks.query * Dv);
-    Stats<T> st(blocks.query);
+    std::vector<float> scores(blocks.query * blocks.key), acc(blocks.query * Dv);
+    std::vector<C> q_wide, k_wide, v_wide;  // widened copies (C != T): q block, k and v of one head
+    std::int64_t wide_bh = -1, ldq = 0, ldk = 0, ldv = 0;
+    const C* k_bh = nullptr;
+    const C* v_bh = nullptr;
+    RowStats st(blocks.query);
     for (std::int64_t task = next++; task < tasks; task = next++) {
       const std::int64_t bh = task / q_blocks, qb = task % q_blocks;
       const std::int64_t b = bh / H, h = bh % H;
-      const at::Tensor q_bh = q[b][h], k_bh = k[b][h], v_bh = v[b][h];
-      at::Tensor out_bh = out[b][h];
       const std::int64_t s0 = qb * blocks.query, rows = std::min(blocks.query, Nq - s0);
-      const at::Tensor q_blk = q_bh.narrow(0, s0, rows);
+      const C* q_rows = gemm_rows<T, C>(head_ptr<T>(q, b, h) + s0 * q.stride(2), q.stride(2), rows, D, q_wide, ldq);
+      if (bh != wide_bh) {  // tasks come in head order, so each worker widens a head about once
+        k_bh = gemm_rows<T, C>(head_ptr<T>(k, b, h), k.stride(2), Nk, D, k_wide, ldk);
+        v_bh = gemm_rows<T, C>(head_ptr<T>(v, b, h), v.stride(2), Nk, Dv, v_wide, ldv);
+        wide_bh = bh;
+      }
       st.reset(rows);
       for (std::int64_t j0 = 0; j0 < Nk; j0 += blocks.key) {
         const std::int64_t cols = std::min(blocks.key, Nk - j0);
-        at::Tensor s = scores.narrow(0, 0, rows * cols).view({rows, cols});
-        at::mm_out(s, q_blk, k_bh.narrow(0, j0, cols).t());
-        online_softmax_block<T>(s.data_ptr<T>(), rows, cols, RowWindow{}, scale, st.m.data(), st.l.data(),
-                                st.alpha.data());
-        at::Tensor o = partial.narrow(0, 0, rows * Dv).view({rows, Dv});
-        at::mm_out(o, s, v_bh.narrow(0, j0, cols));
-        accumulate_rows<T>(o.data_ptr<T>(), rows, Dv, st.alpha.data(), acc.data(), j0 == 0);
+        attend_block<C>(q_rows, ldq, k_bh + j0 * ldk, ldk, v_bh + j0 * ldv, ldv, rows, cols, D, Dv, RowWindow{}, scale,
+                        scores.data(), st, acc.data(), j0 == 0);
       }
-      store_rows<T>(acc.data(), st.l.data(), rows, Dv, out_bh.narrow(0, s0, rows).data_ptr<T>(), out_bh.stride(0));
+      T* out_rows = out.data_ptr<T>() + b * out.stride(0) + h * out.stride(1) + s0 * out.stride(2);
+      store_rows<T>(acc.data(), st.l.data(), rows, Dv, out_rows, out.stride(2));
     }
   });
 }
 
-template <class T>
+template <class T, class C>
 void window_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, float scale,
                             const WindowPlan& plan, const Grid3& grid) {
   const auto B = q.size(0), H = q.size(1), D = q.size(3), Dv = v.size(3);
@@ -156,15 +273,17 @@ void window_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
   std::atomic<std::int64_t> next{0};
   run_workers(worker_count(tasks), [&](int) {
     at::NoGradGuard no_grad;
-    at::Tensor q_buf = at::empty({qmax * D}, q.options());
-    at::Tensor k_buf = at::empty({kmax * D}, q.options());
-    at::Tensor v_buf = at::empty({kmax * Dv}, q.options());
+    // Gather buffers in the GEMM dtype, for boxes whose rows are not evenly strided in memory
+    // and for every box when the GEMMs widen bf16 to f32.
+    constexpr bool widen = !std::is_same_v<T, C>;
+    const auto gemm_options = q.options().dtype(c10::CppTypeToScalarType<C>::value);
+    at::Tensor q_buf = at::empty({qmax * D}, gemm_options);
+    at::Tensor k_buf = at::empty({kmax * D}, gemm_options);
+    at::Tensor v_buf = at::empty({kmax * Dv}, gemm_options);
     at::Tensor o_buf = at::empty({qmax * Dv}, q.options());
-    at::Tensor scores = at::empty({qmax * kmax}, q.options());
-    at::Tensor partial = at::empty({qmax * Dv}, q.options());
-    std::vector<float> acc(qmax * Dv);
+    std::vector<float> scores(qmax * kmax), acc(qmax * Dv);
     std::vector<std::int32_t> lo[3], hi[3];
-    Stats<T> st(qmax);
+    RowStats st(qmax);
     for (std::int64_t task = next++; task < tasks; task = next++) {
       const std::int64_t bh = task / boxes, box = task % boxes;
       const std::int64_t b = bh / H, h = bh % H;
@@ -184,9 +303,9 @@ void window_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
 
       const at::Tensor q_box = box_view(q_bh, grid, q_first, q_count, step);
       at::Tensor q_rows;
-      if (!flat_rows(q_box, q_rows)) {
+      if (widen || !flat_rows(q_box, q_rows)) {
         q_rows = q_buf.narrow(0, 0, rows * D).view({rows, D});
-        q_rows.view({q_count[0], q_count[1], q_count[2], D}).copy_(q_box);
+        gather_box<T, C>(q_box, q_rows.data_ptr<C>());
       }
 
       const auto ext = chunk_extents({k_count[0], k_count[1], k_count[2]}, kmax);
@@ -207,10 +326,9 @@ void window_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
               lo[a].resize(q_count[a]);
               hi[a].resize(q_count[a]);
               for (std::int64_t i = 0; i < q_count[a]; ++i) {
-                const std::int64_t l = std::max<std::int64_t>(tile[a]->lo[i], c[a]) - c[a];
-                const std::int64_t u = std::min<std::int64_t>(tile[a]->hi[i], c[a] + cn[a] - 1) - c[a];
-                lo[a][i] = static_cast<std::int32_t>(l);
-                hi[a][i] = static_cast<std::int32_t>(u);  // l > u: nothing visible in this chunk
+                // Intersection with the chunk; lo > hi: nothing visible in this chunk.
+                lo[a][i] = static_cast<std::int32_t>(std::max<std::int64_t>(tile[a]->lo[i], c[a]) - c[a]);
+                hi[a][i] = static_cast<std::int32_t>(std::min<std::int64_t>(tile[a]->hi[i], c[a] + cn[a] - 1) - c[a]);
               }
               win.lo[a] = lo[a].data();
               win.hi[a] = hi[a].data();
@@ -219,21 +337,17 @@ void window_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
             const at::Tensor k_box = box_view(k_bh, grid, cf, cn, step);
             const at::Tensor v_box = box_view(v_bh, grid, cf, cn, step);
             at::Tensor k_rows, v_rows;
-            if (!flat_rows(k_box, k_rows)) {
+            if (widen || !flat_rows(k_box, k_rows)) {
               k_rows = k_buf.narrow(0, 0, cols * D).view({cols, D});
-              k_rows.view({cn[0], cn[1], cn[2], D}).copy_(k_box);
+              gather_box<T, C>(k_box, k_rows.data_ptr<C>());
             }
-            if (!flat_rows(v_box, v_rows)) {
+            if (widen || !flat_rows(v_box, v_rows)) {
               v_rows = v_buf.narrow(0, 0, cols * Dv).view({cols, Dv});
-              v_rows.view({cn[0], cn[1], cn[2], Dv}).copy_(v_box);
+              gather_box<T, C>(v_box, v_rows.data_ptr<C>());
             }
-            at::Tensor s = scores.narrow(0, 0, rows * cols).view({rows, cols});
-            at::mm_out(s, q_rows, k_rows.t());
-            online_softmax_block<T>(s.data_ptr<T>(), rows, cols, win, scale, st.m.data(), st.l.data(),
-                                    st.alpha.data());
-            at::Tensor o = partial.narrow(0, 0, rows * Dv).view({rows, Dv});
-            at::mm_out(o, s, v_rows);
-            accumulate_rows<T>(o.data_ptr<T>(), rows, Dv, st.alpha.data(), acc.data(), first);
+            attend_block<C>(q_rows.data_ptr<C>(), q_rows.stride(0), k_rows.data_ptr<C>(), k_rows.stride(0),
+                            v_rows.data_ptr<C>(), v_rows.stride(0), rows, cols, D, Dv, win, scale, scores.data(), st,
+                            acc.data(), first);
             first = false;
           }
         }
@@ -252,6 +366,22 @@ void window_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 }  // namespace
+
+bool cpu_has_amx_bf16() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (d & (1u << 22)) != 0;  // CPUID.(EAX=7,ECX=0):EDX[22] = AMX-BF16
+  }();
+  return ok;
+}
+
+bool bf16_gemms() {
+  const AttentionTuning tuning = attention_tuning();
+  if (tuning.bf16_gemm > 0) return true;
+  if (tuning.bf16_gemm < 0) return false;
+  return cpu_has_amx_bf16();
+}
 
 void run_workers(int workers, const std::function<void(int worker)>& body) {
   if (workers <= 1) {
@@ -303,10 +433,12 @@ at::Tensor cpu_full_attention(const at::Tensor& q_in, const at::Tensor& k_in, co
   at::Tensor out = empty_output(q, v.size(3));
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) return out;
   if (k.size(2) == 0) return out.zero_();
-  if (q.scalar_type() == at::kBFloat16)
-    full_attention_typed<c10::BFloat16>(q, k, v, out, static_cast<float>(scale));
+  if (q.scalar_type() != at::kBFloat16)
+    full_attention_typed<float, float>(q, k, v, out, static_cast<float>(scale));
+  else if (bf16_gemms())
+    full_attention_typed<c10::BFloat16, c10::BFloat16>(q, k, v, out, static_cast<float>(scale));
   else
-    full_attention_typed<float>(q, k, v, out, static_cast<float>(scale));
+    full_attention_typed<c10::BFloat16, float>(q, k, v, out, static_cast<float>(scale));
   return out;
 }
 
@@ -315,10 +447,12 @@ at::Tensor cpu_window_attention(const at::Tensor& q_in, const at::Tensor& k_in, 
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   at::Tensor out = empty_output(q, v.size(3));
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) return out;
-  if (q.scalar_type() == at::kBFloat16)
-    window_attention_typed<c10::BFloat16>(q, k, v, out, static_cast<float>(scale), plan, grid);
+  if (q.scalar_type() != at::kBFloat16)
+    window_attention_typed<float, float>(q, k, v, out, static_cast<float>(scale), plan, grid);
+  else if (bf16_gemms())
+    window_attention_typed<c10::BFloat16, c10::BFloat16>(q, k, v, out, static_cast<float>(scale), plan, grid);
   else
-    window_attention_typed<float>(q, k, v, out, static_cast<float>(scale), plan, grid);
+    window_attention_typed<c10::BFloat16, float>(q, k, v, out, static_cast<float>(scale), plan, grid);
   return out;
 }
 

@@ -1,6 +1,6 @@
 // Fused row kernels of the CPU attention: one online-softmax step per score block (max, exp,
-// sum and the bf16 rounding in two passes over the row, in place), the accumulator update and
-// the final normalisation. Separate ATen ops would make 6-8 passes over every score block, which
+// sum and the rounding to the GEMM dtype in two passes over the row, in place), the accumulator
+// rescale and the final normalisation. Separate ATen ops would make 6-8 passes over every score block, which
 // costs as much as the GEMMs; these loops are where attention time goes besides the GEMMs.
 // They only ever see CPU memory (the CPU backend's own buffers and CPU tensors).
 //
@@ -70,18 +70,20 @@ inline T from_float(float x) {
 // ------------------------------------------------------------------------------ scalar versions
 
 template <class T>
-void softmax_scalar(T* s, std::int64_t rows, std::int64_t cols, const RowWindow& win, float scale, float* m,
+void softmax_scalar(float* s, std::int64_t rows, std::int64_t cols, const RowWindow& win, float scale, float* m,
                     float* l, float* alpha) {
   std::vector<Run> runs;
+  const std::int64_t ldp = cols * static_cast<std::int64_t>(sizeof(float) / sizeof(T));
   for (std::int64_t r = 0; r < rows; ++r) {
-    T* row = s + r * cols;
+    float* row = s + r * cols;
+    T* prow = reinterpret_cast<T*>(s) + r * ldp;  // same bytes as row (in place, left to right)
     row_runs(win, r, cols, runs);
     float mx = kNegInf;
     for (const Run& run : runs)
-      for (std::int64_t j = run.begin; j < run.end; ++j) mx = std::max(mx, to_float(row[j]));
+      for (std::int64_t j = run.begin; j < run.end; ++j) mx = std::max(mx, row[j]);
     const float m_new = std::max(m[r], mx * scale);
     if (m_new == kNegInf) {  // nothing visible yet: keep the (zero) accumulator as is
-      std::fill(row, row + cols, from_float<T>(0.f));
+      for (std::int64_t j = 0; j < cols; ++j) prow[j] = from_float<T>(0.f);
       alpha[r] = 1.f;
       continue;
     }
@@ -89,14 +91,14 @@ void softmax_scalar(T* s, std::int64_t rows, std::int64_t cols, const RowWindow&
     float sum = 0.f;
     std::int64_t pos = 0;
     for (const Run& run : runs) {
-      for (; pos < run.begin; ++pos) row[pos] = from_float<T>(0.f);
+      for (; pos < run.begin; ++pos) prow[pos] = from_float<T>(0.f);
       for (; pos < run.end; ++pos) {
-        const float p = std::exp(to_float(row[pos]) * scale - m_new);
+        const float p = std::exp(row[pos] * scale - m_new);
         sum += p;
-        row[pos] = from_float<T>(p);
+        prow[pos] = from_float<T>(p);
       }
     }
-    for (; pos < cols; ++pos) row[pos] = from_float<T>(0.f);
+    for (; pos < cols; ++pos) prow[pos] = from_float<T>(0.f);
     l[r] = l[r] * alpha[r] + sum;
     m[r] = m_new;
   }
@@ -144,13 +146,17 @@ VDIT_AVX512 inline __mmask16 tail_mask(std::int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// P (as T) overwrites s in place: element j of P row r lies at or before element j of s row r,
+// and every s element is loaded before the P elements covering it are stored.
 template <class T>
-VDIT_AVX512 void softmax_avx512(T* s, std::int64_t rows, std::int64_t cols, const RowWindow& win, float scale,
+VDIT_AVX512 void softmax_avx512(float* s, std::int64_t rows, std::int64_t cols, const RowWindow& win, float scale,
                                 float* m, float* l, float* alpha) {
   std::vector<Run> runs;
+  const std::int64_t ldp = cols * static_cast<std::int64_t>(sizeof(float) / sizeof(T));
   const __m512 vscale = _mm512_set1_ps(scale);
   for (std::int64_t r = 0; r < rows; ++r) {
-    T* row = s + r * cols;
+    const float* row = s + r * cols;
+    T* prow = reinterpret_cast<T*>(s) + r * ldp;
     row_runs(win, r, cols, runs);
     __m512 vmax = _mm512_set1_ps(kNegInf);
     for (const Run& run : runs) {
@@ -162,7 +168,7 @@ VDIT_AVX512 void softmax_avx512(T* s, std::int64_t rows, std::int64_t cols, cons
     const float mx = _mm512_reduce_max_ps(vmax);
     const float m_new = std::max(m[r], mx * scale);
     if (m_new == kNegInf) {
-      std::memset(static_cast<void*>(row), 0, sizeof(T) * cols);
+      std::memset(static_cast<void*>(prow), 0, sizeof(T) * cols);
       alpha[r] = 1.f;
       continue;
     }
@@ -171,32 +177,27 @@ VDIT_AVX512 void softmax_avx512(T* s, std::int64_t rows, std::int64_t cols, cons
     __m512 vsum = _mm512_setzero_ps();
     std::int64_t pos = 0;
     for (const Run& run : runs) {
-      if (run.begin > pos) std::memset(static_cast<void*>(row + pos), 0, sizeof(T) * (run.begin - pos));
+      if (run.begin > pos) std::memset(static_cast<void*>(prow + pos), 0, sizeof(T) * (run.begin - pos));
       for (std::int64_t j = run.begin; j < run.end; j += 16) {
         const __mmask16 k = tail_mask(run.end - j);
         const __m512 p = exp16(_mm512_fmsub_ps(load16(row + j, k), vscale, vm));
         vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
-        store16(row + j, p, k);
+        store16(prow + j, p, k);
       }
       pos = run.end;
     }
-    if (cols > pos) std::memset(static_cast<void*>(row + pos), 0, sizeof(T) * (cols - pos));
+    if (cols > pos) std::memset(static_cast<void*>(prow + pos), 0, sizeof(T) * (cols - pos));
     l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(vsum);
     m[r] = m_new;
   }
 }
 
-template <class T>
-VDIT_AVX512 void accumulate_avx512(const T* o, std::int64_t rows, std::int64_t dv, const float* alpha, float* acc,
-                                   bool first) {
+VDIT_AVX512 void scale_avx512(float* acc, std::int64_t rows, std::int64_t dv, const float* alpha) {
   for (std::int64_t r = 0; r < rows; ++r) {
-    const T* orow = o + r * dv;
-    float* arow = acc + r * dv;
     const __m512 va = _mm512_set1_ps(alpha[r]);
     for (std::int64_t j = 0; j < dv; j += 16) {
       const __mmask16 k = tail_mask(dv - j);
-      const __m512 x = load16(orow + j, k);
-      store16(arow + j, first ? x : _mm512_fmadd_ps(load16(arow + j, k), va, x), k);
+      store16(acc + r * dv + j, _mm512_mul_ps(load16(acc + r * dv + j, k), va), k);
     }
   }
 }
@@ -224,20 +225,18 @@ bool have_avx512() {
 const char* kernel_isa() { return have_avx512() ? "avx512" : "scalar"; }
 
 template <class T>
-void online_softmax_block(T* s, std::int64_t rows, std::int64_t cols, const RowWindow& window, float scale,
+void online_softmax_block(float* s, std::int64_t rows, std::int64_t cols, const RowWindow& window, float scale,
                           float* m, float* l, float* alpha) {
   if (have_avx512())
-    softmax_avx512(s, rows, cols, window, scale, m, l, alpha);
+    softmax_avx512<T>(s, rows, cols, window, scale, m, l, alpha);
   else
-    softmax_scalar(s, rows, cols, window, scale, m, l, alpha);
+    softmax_scalar<T>(s, rows, cols, window, scale, m, l, alpha);
 }
 
-template <class T>
-void accumulate_rows(const T* o, std::int64_t rows, std::int64_t dv, const float* alpha, float* acc, bool first) {
-  if (have_avx512()) return accumulate_avx512(o, rows, dv, alpha, acc, first);
+void scale_rows(float* acc, std::int64_t rows, std::int64_t dv, const float* alpha) {
+  if (have_avx512()) return scale_avx512(acc, rows, dv, alpha);
   for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t j = 0; j < dv; ++j)
-      acc[r * dv + j] = first ? to_float(o[r * dv + j]) : acc[r * dv + j] * alpha[r] + to_float(o[r * dv + j]);
+    for (std::int64_t j = 0; j < dv; ++j) acc[r * dv + j] *= alpha[r];
 }
 
 template <class T>
@@ -251,11 +250,8 @@ void store_rows(const float* acc, const float* l, std::int64_t rows, std::int64_
 
 template void online_softmax_block<float>(float*, std::int64_t, std::int64_t, const RowWindow&, float, float*,
                                           float*, float*);
-template void online_softmax_block<c10::BFloat16>(c10::BFloat16*, std::int64_t, std::int64_t, const RowWindow&,
-                                                  float, float*, float*, float*);
-template void accumulate_rows<float>(const float*, std::int64_t, std::int64_t, const float*, float*, bool);
-template void accumulate_rows<c10::BFloat16>(const c10::BFloat16*, std::int64_t, std::int64_t, const float*, float*,
-                                             bool);
+template void online_softmax_block<c10::BFloat16>(float*, std::int64_t, std::int64_t, const RowWindow&, float, float*,
+                                                  float*, float*);
 template void store_rows<float>(const float*, const float*, std::int64_t, std::int64_t, float*, std::int64_t);
 template void store_rows<c10::BFloat16>(const float*, const float*, std::int64_t, std::int64_t, c10::BFloat16*,
                                         std::int64_t);

@@ -154,14 +154,17 @@ TEST_CASE("blocked full attention equals a float64 reference", "[attention]") {
     INFO("f32 rel err " << err);
     CHECK(err <= 1e-5);
   }
-  SECTION("bf16") {
+  SECTION("bf16, GEMMs widened to f32 and in bf16 (the AMX path)") {
     const QKV t = make_qkv(1, 4, 257, 333, 128, 21, at::kBFloat16);
     AttentionCall call;
-    const at::Tensor out = attention(t.q, t.k, t.v, call);
-    CHECK(out.scalar_type() == at::kBFloat16);
-    const double err = rel_err(out, reference(t, call));
-    INFO("bf16 rel err " << err);
-    CHECK(err <= 1e-2);
+    for (int gemm : {-1, 1}) {
+      TuningGuard mode(AttentionTuning{48, 80, 0, 0, gemm});
+      const at::Tensor out = attention(t.q, t.k, t.v, call);
+      CHECK(out.scalar_type() == at::kBFloat16);
+      const double err = rel_err(out, reference(t, call));
+      INFO("bf16 gemm mode " << gemm << " rel err " << err);
+      CHECK(err <= 1e-2);
+    }
   }
   SECTION("cross-attention shapes, value dim != head dim, scale factor, [B,N,H,D] layout") {
     const QKV base = make_qkv(2, 5, 97, 33, 32, 31, at::kFloat, 48);
@@ -252,6 +255,14 @@ TEST_CASE("windowed attention equals the brute-force masked reference at every b
         // Tiny boxes and key chunks: many partial boxes, unions split across chunks.
         TuningGuard small(AttentionTuning{0, 0, 6, 7});
         CHECK(rel_err(attention(t.q, t.k, t.v, call), ref) <= tol);
+      }
+      if (dtype == at::kBFloat16) {
+        // Both bf16 GEMM modes whatever this CPU's default (bf16 GEMMs with AMX, f32 without).
+        for (int gemm : {-1, 1}) {
+          TuningGuard mode(AttentionTuning{0, 0, 0, 0, gemm});
+          INFO("bf16 gemm mode " << gemm);
+          CHECK(rel_err(attention(t.q, t.k, t.v, call), ref) <= tol);
+        }
       }
       AttentionCall generic = call;
       generic.backend = AttentionBackend::Generic;
