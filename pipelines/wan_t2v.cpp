@@ -154,11 +154,19 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   auto sampler = make_sampler_for(settings);
   const bool guided = settings.guidance != 1.0;
 
-  WanTextCondition cond = dit_->encode_text(context.to(options_.device).unsqueeze(0));
+  // The reference's tokenizer cuts prompts at the DiT's text_len; models with a shorter text_len
+  // than the encoder's 512 (the built-in demo model) are cut here the same way.
+  const auto fit = [&](const at::Tensor& c) {
+    const std::int64_t text_len = dit_->config.text_len;
+    if (c.size(0) <= text_len) return c;
+    log_verbose("prompt of " + std::to_string(c.size(0)) + " tokens cut to the model's text_len " + std::to_string(text_len));
+    return c.narrow(0, 0, text_len);
+  };
+  WanTextCondition cond = dit_->encode_text(fit(context).to(options_.device).unsqueeze(0));
   WanTextCondition both;
   WanTextCondition uncond;
   if (guided) {
-    uncond = dit_->encode_text(context_null.to(options_.device).unsqueeze(0));
+    uncond = dit_->encode_text(fit(context_null).to(options_.device).unsqueeze(0));
     if (settings.batch_guidance) both = WanTextCondition::cat({cond, uncond});
   }
 
@@ -197,7 +205,7 @@ at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
 T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
   validate_t2v_settings(settings);
   times_ = StageTimes{};
-  const std::string negative = settings.negative_prompt.empty() ? kWanDefaultNegativePrompt : settings.negative_prompt;
+  const std::string negative = settings.negative_prompt.value_or(kWanDefaultNegativePrompt);
   std::vector<std::string> prompts{settings.prompt};
   const bool guided = settings.guidance != 1.0;
   if (guided) prompts.push_back(negative);

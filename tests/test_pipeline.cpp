@@ -202,3 +202,42 @@ TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 wi
   CHECK(!fs::exists(root / "d.mp4"));
   fs::remove_all(root);
 }
+
+TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the command line wins", "[pipeline][cli]") {
+  const fs::path root = temp_dir("defaults");
+  const fs::path model = vdit_test::make_tiny_model(root / "model", "diffusers");
+  {
+    std::ofstream(model / "vdit-demo.json") << R"({"size": "32x16", "frames": 5, "steps": 2, "fps": 8,
+                                                   "guidance": 3.5, "negative_prompt": ""})";
+  }
+  std::string out;
+  REQUIRE(run_vdit("generate -m " + model.string() + " -p 'a red circle' -o " + (root / "a.mp4").string(), &out) == 0);
+  INFO(out);
+  VideoData video = read_video((root / "a.mp4").string());
+  CHECK(video.frames.size(1) == 5);
+  CHECK(video.frames.size(2) == 16);
+  CHECK(video.frames.size(3) == 32);
+  CHECK(video.fps == Approx(8.0));
+  auto meta = read_video_metadata((root / "a.mp4").string());
+  std::string all;
+  for (const auto& [k, v] : meta) all += k + "=" + v + "\n";
+  INFO(all);
+  CHECK(all.find("steps=2") != std::string::npos);
+  CHECK(all.find("guidance=3.5") != std::string::npos);
+  CHECK(all.find("negative_prompt=\n") != std::string::npos);  // "" given by the model, not Wan's default
+
+  // Command-line options override the file.
+  REQUIRE(run_vdit("generate -m " + model.string() + " -p 'a red circle' --size 48x32 --frames 1 -n 'blurry' -o " +
+                       (root / "b.png").string(), &out) == 0);
+  CHECK(read_image((root / "b.png").string()).sizes() == at::IntArrayRef({3, 32, 48}));
+  const auto text = read_png_text((root / "b.png").string());
+  REQUIRE(!text.empty());
+  CHECK(text[0].second.find("Negative prompt: blurry") != std::string::npos);
+
+  // A broken defaults file is a one-line input error naming it.
+  { std::ofstream(model / "vdit-demo.json") << "{\"frames\": \"nine\"}"; }
+  REQUIRE(run_vdit("generate -m " + model.string() + " -p x -o " + (root / "c.mp4").string(), &out) == 2);
+  CHECK(out.find("vdit-demo.json") != std::string::npos);
+  CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+  fs::remove_all(root);
+}

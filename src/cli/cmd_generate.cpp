@@ -9,7 +9,10 @@
 #include "vdit/pipelines/wan_t2v.h"
 #include "vdit/progress.h"
 
+#include <nlohmann/json.hpp>
+
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <sstream>
 
@@ -69,30 +72,63 @@ std::string parameters_text(const std::map<std::string, std::string>& m) {
   return s.str();
 }
 
+struct GenerateOptions {
+  std::string model;
+  WanModelOverrides overrides;
+  std::string prompt, negative_prompt;
+  std::string size = "832x480";
+  std::int64_t frames = 81;
+  int steps = 50;
+  std::string sampler = "unipc";
+  double shift = 0;  // 0: from the model's scheduler config, else 5
+  double guidance = 5.0;
+  std::int64_t seed = 42;
+  std::string sigmas;
+  std::string noise_file, save_latents, output, format, sheet;
+  double fps = 16;
+  int crf = 18;
+  bool overwrite = false;
+  bool no_batch_cfg = false;
+  std::string text_encoder_device;
+  std::int64_t vae_tile = 0, vae_tile_overlap = 64;
+};
+
+// Fills options the user did not give from DIR/vdit-demo.json, the generation defaults a model
+// can ship (the built-in demo model is trained for 64x64, 9 frames, 8 fps and an empty negative
+// prompt; Wan2.1's 832x480/81-frame defaults would be meaningless for it).
+void apply_model_defaults(const std::string& dir, const CLI::App& cmd, GenerateOptions& o,
+                          std::optional<std::string>& negative_prompt) {
+  const fs::path path = fs::path(dir) / "vdit-demo.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return;
+  nlohmann::json j;
+  try {
+    std::ifstream in(path);
+    j = nlohmann::json::parse(in);
+    if (!j.is_object()) throw std::runtime_error("not a JSON object");
+    const auto given = [&](const char* option) { return cmd.count(option) > 0; };
+    for (const auto& [key, value] : j.items()) {
+      if (key == "size") { if (!given("--size")) o.size = value.get<std::string>(); }
+      else if (key == "frames") { if (!given("--frames")) o.frames = value.get<std::int64_t>(); }
+      else if (key == "steps") { if (!given("--steps")) o.steps = value.get<int>(); }
+      else if (key == "sampler") { if (!given("--sampler")) o.sampler = value.get<std::string>(); }
+      else if (key == "shift") { if (!given("--shift")) o.shift = value.get<double>(); }
+      else if (key == "guidance") { if (!given("--guidance")) o.guidance = value.get<double>(); }
+      else if (key == "fps") { if (!given("--fps")) o.fps = value.get<double>(); }
+      else if (key == "negative_prompt") { if (!negative_prompt) negative_prompt = value.get<std::string>(); }
+      else if (key.empty() || key[0] != '_') log_warning(path.string() + ": unknown key '" + key + "' ignored");
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(path.string() + ": " + std::string(e.what()));
+  } catch (const std::runtime_error& e) {
+    throw InputError(path.string() + ": " + e.what());
+  }
+}
+
 }  // namespace
 
 void register_generate_command(CLI::App& app, GlobalOptions& global) {
-  struct Options {
-    std::string model;
-    WanModelOverrides overrides;
-    std::string prompt, negative_prompt;
-    std::string size = "832x480";
-    std::int64_t frames = 81;
-    int steps = 50;
-    std::string sampler = "unipc";
-    double shift = 0;  // 0: from the model's scheduler config, else 5
-    double guidance = 5.0;
-    std::int64_t seed = 42;
-    std::string sigmas;
-    std::string noise_file, save_latents, output, format, sheet;
-    double fps = 16;
-    int crf = 18;
-    bool overwrite = false;
-    bool no_batch_cfg = false;
-    std::string text_encoder_device;
-    std::int64_t vae_tile = 0, vae_tile_overlap = 64;
-  };
-  auto o = std::make_shared<Options>();
+  auto o = std::make_shared<GenerateOptions>();
   CLI::App* cmd = app.add_subcommand("generate", "Text-to-video, or text-to-image with --frames 1");
   cmd->add_option("-m,--model", o->model, "Model directory (original, diffusers or ComfyUI layout); default: the built-in demo model");
   cmd->add_option("--dit", o->overrides.dit, "DiT weights file (overrides the model directory's)");
@@ -101,7 +137,7 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--tokenizer", o->overrides.tokenizer, "sentencepiece spiece.model");
   cmd->add_option("--vae", o->overrides.vae, "VAE weights file");
   cmd->add_option("-p,--prompt", o->prompt, "Text prompt")->required();
-  cmd->add_option("-n,--negative-prompt", o->negative_prompt, "Negative prompt (default: Wan2.1's own)");
+  cmd->add_option("-n,--negative-prompt", o->negative_prompt, "Negative prompt (default: the model's vdit-demo.json, else Wan2.1's own)");
   cmd->add_option("--size", o->size, "WIDTHxHEIGHT, multiples of 16")->capture_default_str();
   cmd->add_option("--frames", o->frames, "Frame count, 4n+1 (1: a still image)")->capture_default_str();
   cmd->add_option("--steps", o->steps, "Sampling steps")->capture_default_str();
@@ -123,11 +159,25 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--vae-tile", o->vae_tile, "Decode in spatial tiles of this many pixels (0: off)")->capture_default_str();
   cmd->add_option("--vae-tile-overlap", o->vae_tile_overlap, "Tile overlap in pixels")->capture_default_str();
 
-  cmd->callback([o, &global] {
+  cmd->footer(
+      "A model directory may hold vdit-demo.json with generation defaults for that model (keys: size, frames,\n"
+      "steps, sampler, shift, guidance, fps, negative_prompt); options given on the command line win.");
+
+  cmd->callback([o, cmd, &global] {
+    const bool all_parts = !o->overrides.dit.empty() && !o->overrides.text_encoder.empty() && !o->overrides.vae.empty();
+    std::string model_dir = o->model;
+    if (model_dir.empty() && !all_parts) {
+      model_dir = builtin_model_dir();
+      if (model_dir.empty()) throw InputError("no --model given and the built-in demo model (models/shapes) is not installed");
+    }
+    std::optional<std::string> negative_prompt;
+    if (cmd->count("--negative-prompt")) negative_prompt = o->negative_prompt;
+    if (!model_dir.empty()) apply_model_defaults(model_dir, *cmd, *o, negative_prompt);
+
     // Everything a user can get wrong is checked before any model is loaded.
     T2VSettings settings;
     settings.prompt = o->prompt;
-    settings.negative_prompt = o->negative_prompt;
+    settings.negative_prompt = negative_prompt;
     std::tie(settings.width, settings.height) = parse_size(o->size);
     settings.frames = o->frames;
     settings.steps = o->steps;
@@ -160,12 +210,6 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     if (!o->sheet.empty()) check_output_path(o->sheet, o->overwrite);
     if (!o->save_latents.empty()) check_output_path(o->save_latents, o->overwrite);
 
-    std::string model_dir = o->model;
-    const bool all_parts = !o->overrides.dit.empty() && !o->overrides.text_encoder.empty() && !o->overrides.vae.empty();
-    if (model_dir.empty() && !all_parts) {
-      model_dir = builtin_model_dir();
-      if (model_dir.empty()) throw InputError("no --model given and the built-in demo model (models/shapes) is not installed");
-    }
     WanModelFiles files = locate_wan_model(model_dir, o->overrides);
 
     WanT2VOptions options;

@@ -25,7 +25,7 @@ extern const char* const kWanDefaultNegativePrompt;
 
 struct T2VSettings {
   std::string prompt;
-  std::string negative_prompt;  // empty: kWanDefaultNegativePrompt
+  std::optional<std::string> negative_prompt;  // nullopt: kWanDefaultNegativePrompt ("" is a valid prompt)
   std::int64_t width = 832, height = 480, frames = 81;
   int steps = 50;
   std::string sampler = "unipc";
