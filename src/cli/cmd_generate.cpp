@@ -1,4 +1,5 @@
 // `vdit generate`: text-to-video (MP4/WebM/GIF/WebP/PNG frames) and text-to-image (PNG).
+#include "cli_common.h"
 #include "commands.h"
 
 #include "vdit/common.h"
@@ -9,10 +10,7 @@
 #include "vdit/pipelines/wan_t2v.h"
 #include "vdit/progress.h"
 
-#include <nlohmann/json.hpp>
-
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <sstream>
 
@@ -21,31 +19,6 @@ namespace vdit::cli {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string builtin_model_dir() {
-  // Installed next to the binary (share/vdit/models/shapes) or in the source tree it was built from.
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  for (const fs::path& candidate : {exe.parent_path().parent_path() / "share" / "vdit" / "models" / "shapes",
-                                    fs::path(VDIT_SOURCE_DIR) / "models" / "shapes"}) {
-    if (fs::exists(candidate / "model_index.json", ec)) return candidate.string();
-  }
-  return "";
-}
-
-std::pair<std::int64_t, std::int64_t> parse_size(const std::string& text) {
-  const auto x = text.find_first_of("xX*");
-  try {
-    if (x == std::string::npos) throw std::invalid_argument("no x");
-    std::size_t used_w = 0, used_h = 0;
-    const std::string ws = text.substr(0, x), hs = text.substr(x + 1);
-    const long long w = std::stoll(ws, &used_w), h = std::stoll(hs, &used_h);
-    if (used_w != ws.size() || used_h != hs.size()) throw std::invalid_argument("junk");
-    return {w, h};
-  } catch (const std::exception&) {
-    throw InputError("--size '" + text + "' is not WIDTHxHEIGHT (e.g. 832x480)");
-  }
-}
 
 std::vector<double> parse_sigmas(const std::string& text) {
   std::vector<double> out;
@@ -93,36 +66,20 @@ struct GenerateOptions {
   std::int64_t vae_tile = 0, vae_tile_overlap = 64;
 };
 
-// Fills options the user did not give from DIR/vdit-demo.json, the generation defaults a model
-// can ship (the built-in demo model is trained for 64x64, 9 frames, 8 fps and an empty negative
-// prompt; Wan2.1's 832x480/81-frame defaults would be meaningless for it).
+// Options the user did not give, from the model's vdit-demo.json.
 void apply_model_defaults(const std::string& dir, const CLI::App& cmd, GenerateOptions& o,
                           std::optional<std::string>& negative_prompt) {
-  const fs::path path = fs::path(dir) / "vdit-demo.json";
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) return;
-  nlohmann::json j;
-  try {
-    std::ifstream in(path);
-    j = nlohmann::json::parse(in);
-    if (!j.is_object()) throw std::runtime_error("not a JSON object");
-    const auto given = [&](const char* option) { return cmd.count(option) > 0; };
-    for (const auto& [key, value] : j.items()) {
-      if (key == "size") { if (!given("--size")) o.size = value.get<std::string>(); }
-      else if (key == "frames") { if (!given("--frames")) o.frames = value.get<std::int64_t>(); }
-      else if (key == "steps") { if (!given("--steps")) o.steps = value.get<int>(); }
-      else if (key == "sampler") { if (!given("--sampler")) o.sampler = value.get<std::string>(); }
-      else if (key == "shift") { if (!given("--shift")) o.shift = value.get<double>(); }
-      else if (key == "guidance") { if (!given("--guidance")) o.guidance = value.get<double>(); }
-      else if (key == "fps") { if (!given("--fps")) o.fps = value.get<double>(); }
-      else if (key == "negative_prompt") { if (!negative_prompt) negative_prompt = value.get<std::string>(); }
-      else if (key.empty() || key[0] != '_') log_warning(path.string() + ": unknown key '" + key + "' ignored");
-    }
-  } catch (const nlohmann::json::exception& e) {
-    throw InputError(path.string() + ": " + std::string(e.what()));
-  } catch (const std::runtime_error& e) {
-    throw InputError(path.string() + ": " + e.what());
-  }
+  const std::optional<ModelDefaults> d = read_model_defaults(dir);
+  if (!d) return;
+  const auto given = [&](const char* option) { return cmd.count(option) > 0; };
+  if (d->size && !given("--size")) o.size = *d->size;
+  if (d->frames && !given("--frames")) o.frames = *d->frames;
+  if (d->steps && !given("--steps")) o.steps = *d->steps;
+  if (d->sampler && !given("--sampler")) o.sampler = *d->sampler;
+  if (d->shift && !given("--shift")) o.shift = *d->shift;
+  if (d->guidance && !given("--guidance")) o.guidance = *d->guidance;
+  if (d->fps && !given("--fps")) o.fps = *d->fps;
+  if (d->negative_prompt && !negative_prompt) negative_prompt = *d->negative_prompt;
 }
 
 }  // namespace

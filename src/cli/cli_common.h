@@ -1,0 +1,31 @@
+// Helpers shared by the subcommands: size parsing, the built-in model's location and the
+// generation defaults a model directory can ship (vdit-demo.json).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace vdit::cli {
+
+// "WIDTHxHEIGHT" -> (width, height); InputError naming --size otherwise.
+std::pair<std::int64_t, std::int64_t> parse_size(const std::string& text);
+
+// The built-in demo model: installed next to the binary (share/vdit/models/shapes) or in the
+// source tree the binary was built from. Empty when neither has a model_index.json.
+std::string builtin_model_dir();
+
+// DIR/vdit-demo.json: the generation defaults a model ships (the built-in demo model is trained
+// for 64x64, 9 frames, 8 fps and an empty negative prompt). Keys: size, frames, steps, sampler,
+// shift, guidance, fps, negative_prompt; keys starting with '_' are comments; other keys warn.
+struct ModelDefaults {
+  std::optional<std::string> size, sampler, negative_prompt;
+  std::optional<std::int64_t> frames;
+  std::optional<int> steps;
+  std::optional<double> shift, guidance, fps;
+};
+// nullopt when the file does not exist; InputError naming the file when it cannot be read.
+std::optional<ModelDefaults> read_model_defaults(const std::string& dir);
+
+}  // namespace vdit::cli

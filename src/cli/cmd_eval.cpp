@@ -1,0 +1,279 @@
+// `vdit eval shapes`: how often the demo model draws what its caption asks for. Random captions
+// of the shapes domain are generated with the text-to-video pipeline and scored from their
+// pixels by shapes::judge_clip (colour, shape, motion); --render-only scores rendered
+// ground-truth clips instead, which checks the judge itself without a model.
+#include "cli_common.h"
+#include "commands.h"
+
+#include "vdit/common.h"
+#include "vdit/demo/shapes.h"
+#include "vdit/io/contact_sheet.h"
+#include "vdit/io/output_file.h"
+#include "vdit/pipelines/wan_t2v.h"
+#include "vdit/progress.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+
+namespace vdit::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace vdit::shapes;
+
+// Layout draws come from their own generator, so a seed picks the same captions with and without
+// --render-only and a rendered run can be compared caption for caption with a generated one.
+constexpr std::uint64_t kLayoutSeedOffset = 0x5eed5eedULL;
+
+struct EvalOptions {
+  std::string model;
+  int clips = 100;
+  std::int64_t seed = 0;
+  int steps = 30;            // the demo model's vdit-demo.json may set another default
+  double guidance = 4.0;
+  double shift = 0;          // 0: the model's scheduler config
+  std::string sampler = "unipc";
+  std::string negative_prompt;  // the demo model is trained with "" as its unconditional caption
+  std::string size = "64x64";
+  std::int64_t frames = 9;
+  std::string save_dir;
+  bool json = false;
+  bool render_only = false;
+  bool overwrite = false;
+};
+
+std::string default_model_dir() {
+  const std::string installed = builtin_model_dir();
+  return installed.empty() ? (fs::path(VDIT_SOURCE_DIR) / "models" / "shapes").string() : installed;
+}
+
+// Sampling defaults the model ships in vdit-demo.json, for the options the user did not give.
+// Size and frames stay this command's own (the judge is calibrated for them).
+void apply_model_defaults(const std::string& dir, const CLI::App& cmd, EvalOptions& o) {
+  const std::optional<ModelDefaults> d = read_model_defaults(dir);
+  if (!d) return;
+  const auto given = [&](const char* option) { return cmd.count(option) > 0; };
+  if (d->steps && !given("--steps")) o.steps = *d->steps;
+  if (d->guidance && !given("--guidance")) o.guidance = *d->guidance;
+  if (d->shift && !given("--shift")) o.shift = *d->shift;
+  if (d->sampler && !given("--sampler")) o.sampler = *d->sampler;
+  if (d->negative_prompt && !given("--negative-prompt")) o.negative_prompt = *d->negative_prompt;
+}
+
+std::string judged_text(const Judgement& j) {
+  if (!j.ok) return "no object";
+  std::string out = std::string(colour_name(j.colour)) + " " + shape_name(j.shape) + " " + motion_name(j.motion);
+  if (j.objects > 1) out += " (" + std::to_string(j.objects) + " objects)";
+  return out;
+}
+
+// "colour, motion" for the attributes the judge disagrees on; "ok" when none.
+std::string verdict(const Caption& truth, const Judgement& j) {
+  if (!j.ok) return "MISS";
+  std::string wrong;
+  const auto add = [&](const char* what) { wrong += (wrong.empty() ? "" : ",") + std::string(what); };
+  if (j.colour != truth.colour) add("colour");
+  if (j.shape != truth.shape) add("shape");
+  if (j.motion != truth.motion) add("motion");
+  return wrong.empty() ? "ok" : "WRONG " + wrong;
+}
+
+std::string sheet_name(int index) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "clip_%04d.png", index + 1);
+  return buffer;
+}
+
+void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const GlobalOptions& global) {
+  EvalOptions o = given;
+  // Everything a user can get wrong is checked before any model is loaded.
+  if (o.clips < 1) throw InputError("--clips must be at least 1");
+  if (o.seed < 0) throw InputError("--seed must be >= 0");
+  const auto [width, height] = parse_size(o.size);
+  if (width < 32 || height < 32)
+    throw InputError("--size " + o.size + ": the shapes domain needs at least 32x32");
+  if (o.frames < 1) throw InputError("--frames must be at least 1");
+
+  std::string model_dir;
+  if (!o.render_only) {
+    model_dir = o.model.empty() ? default_model_dir() : o.model;
+    std::error_code ec;
+    if (!fs::is_directory(model_dir, ec)) {
+      throw InputError(o.model.empty()
+                           ? "the demo model is not at " + model_dir + " (train it with `vdit train-demo`, pass --model DIR, or use --render-only)"
+                           : "--model " + model_dir + ": no such directory");
+    }
+    apply_model_defaults(model_dir, cmd, o);
+  }
+
+  T2VSettings settings;
+  settings.width = width;
+  settings.height = height;
+  settings.frames = o.frames;
+  settings.steps = o.steps;
+  settings.sampler = o.sampler;
+  if (o.shift != 0) settings.shift = o.shift;
+  settings.guidance = o.guidance;
+  if (!o.render_only) validate_t2v_settings(settings);
+
+  // Contact sheets: the directory is created, and every file name checked, up front, so a run of
+  // a hundred clips does not fail at the first sheet.
+  if (!o.save_dir.empty()) {
+    std::error_code ec;
+    fs::create_directories(o.save_dir, ec);
+    if (!fs::is_directory(o.save_dir, ec)) throw InputError("--save-dir " + o.save_dir + ": cannot create the directory");
+    for (int i = 0; i < o.clips; ++i) check_output_path((fs::path(o.save_dir) / sheet_name(i)).string(), o.overwrite);
+  }
+
+  std::mt19937_64 caption_rng(static_cast<std::uint64_t>(o.seed));
+  std::mt19937_64 layout_rng(static_cast<std::uint64_t>(o.seed) + kLayoutSeedOffset);
+  std::vector<Caption> captions;
+  for (int i = 0; i < o.clips; ++i) captions.push_back(random_caption(caption_rng));
+
+  std::optional<WanT2VPipeline> pipeline;
+  std::map<std::string, at::Tensor> contexts;  // caption text -> [L, text_dim]
+  at::Tensor null_context;
+  const bool guided = o.guidance != 1.0;
+  if (!o.render_only) {
+    WanModelFiles files = locate_wan_model(model_dir);
+    WanT2VOptions options;
+    options.device = parse_device(global.device);
+    options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
+    check_compute_dtype(options.dtype, options.device);
+    install_interrupt_cleanup();
+    pipeline.emplace(files, options);
+    // Every distinct caption (at most 90) and the negative prompt are encoded once, before the
+    // DiT is loaded; the text encoder is released after.
+    std::set<std::string> unique;
+    for (const auto& c : captions) unique.insert(c.text());
+    std::vector<std::string> prompts(unique.begin(), unique.end());
+    prompts.push_back(o.negative_prompt);
+    std::vector<at::Tensor> encoded = pipeline->encode_prompts(prompts);
+    for (std::size_t k = 0; k + 1 < prompts.size(); ++k) contexts[prompts[k]] = encoded[k];
+    null_context = encoded.back();
+    log_info("vdit eval shapes: " + std::to_string(o.clips) + " clips, " + std::to_string(width) + "x" +
+             std::to_string(height) + ", " + std::to_string(o.frames) + " frames, " + std::to_string(o.steps) + " steps " +
+             o.sampler + ", guidance " + std::to_string(o.guidance).substr(0, 4) + ", model " + model_dir);
+  } else {
+    log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips, " + std::to_string(width) + "x" +
+             std::to_string(height) + ", " + std::to_string(o.frames) + " frames");
+  }
+
+  JudgeSummary summary;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int digits = static_cast<int>(std::to_string(o.clips).size());
+  for (int i = 0; i < o.clips; ++i) {
+    const Caption& truth = captions[i];
+    // Clip i uses seed + i, so `vdit generate -p CAPTION --seed SEED+i` with the same settings
+    // reproduces any clip of the run.
+    const std::uint64_t clip_seed = static_cast<std::uint64_t>(o.seed) + static_cast<std::uint64_t>(i);
+    at::Tensor video;
+    if (o.render_only) {
+      const ClipLayout layout = random_layout(truth, width, height, layout_rng);
+      video = render_clip(truth, layout, o.frames, width, height);
+    } else {
+      // DiT and VAE stay loaded together for the whole run: the demo model is small, and a
+      // verdict per clip as it is made beats holding every latent until the DiT is released.
+      const at::Tensor noise = seeded_noise(t2v_latent_shape(settings), clip_seed);
+      const at::Tensor latent = pipeline->denoise(noise, contexts.at(truth.text()), guided ? null_context : contexts.at(truth.text()), settings);
+      video = pipeline->decode(latent);
+    }
+    const Judgement j = judge_clip(video);
+    summary.add(truth, j);
+
+    std::ostringstream line;
+    line << "[" << std::setw(digits) << (i + 1) << "/" << o.clips << "] ";
+    if (!o.render_only) line << "seed " << clip_seed << "  ";
+    line << truth.text() << "  ->  " << judged_text(j) << "  " << verdict(truth, j);
+    log_info(line.str());
+
+    if (!o.save_dir.empty()) {
+      std::map<std::string, std::string> metadata{{"prompt", truth.text()},
+                                                  {"judged", judged_text(j)},
+                                                  {"verdict", verdict(truth, j)},
+                                                  {"size", std::to_string(width) + "x" + std::to_string(height)},
+                                                  {"frames", std::to_string(o.frames)},
+                                                  {"software", "vdit eval shapes"}};
+      if (o.render_only) {
+        metadata["source"] = "rendered";
+      } else {
+        metadata["seed"] = std::to_string(clip_seed);
+        metadata["steps"] = std::to_string(o.steps);
+        metadata["sampler"] = o.sampler;
+        std::ostringstream g;
+        g << o.guidance;
+        metadata["guidance"] = g.str();
+        metadata["model"] = model_dir;
+      }
+      write_contact_sheet(video, (fs::path(o.save_dir) / sheet_name(i)).string(), metadata, 0, o.overwrite);
+    }
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  const std::string report = summary.report() + "time: " + format_duration(seconds) + "\n";
+  if (o.json) {
+    // stdout carries only the JSON line, so the command can feed a script.
+    log_info(report);
+    nlohmann::json j = {{"task", "shapes"},
+                        {"source", o.render_only ? "rendered" : "generated"},
+                        {"clips", summary.clips},
+                        {"colour", summary.accuracy(summary.colour_right)},
+                        {"shape", summary.accuracy(summary.shape_right)},
+                        {"motion", summary.accuracy(summary.motion_right)},
+                        {"all", summary.accuracy(summary.all_right)},
+                        {"multi_object", summary.multi_object},
+                        {"no_object", summary.no_object},
+                        {"seed", o.seed},
+                        {"size", std::to_string(width) + "x" + std::to_string(height)},
+                        {"frames", o.frames},
+                        {"seconds", seconds}};
+    if (!o.render_only) {
+      j["model"] = model_dir;
+      j["steps"] = o.steps;
+      j["guidance"] = o.guidance;
+      j["sampler"] = o.sampler;
+    }
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::cout << report << std::flush;
+  }
+}
+
+}  // namespace
+
+void register_eval_command(CLI::App& app, GlobalOptions& global) {
+  CLI::App* eval = app.add_subcommand("eval", "Score a model's outputs automatically");
+  eval->require_subcommand(1);
+
+  auto o = std::make_shared<EvalOptions>();
+  CLI::App* cmd = eval->add_subcommand(
+      "shapes", "Generate random captions of the shapes demo domain and judge colour, shape and motion from the pixels");
+  cmd->add_option("-m,--model", o->model, "Model directory (default: " + default_model_dir() + ")");
+  cmd->add_option("--clips", o->clips, "Number of random captions to generate and judge")->capture_default_str();
+  cmd->add_option("-s,--seed", o->seed, "Seed of the caption draw; clip i is generated with seed+i")->capture_default_str();
+  cmd->add_option("--steps", o->steps, "Sampling steps (default: the model's vdit-demo.json, else 30)");
+  cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (default: the model's vdit-demo.json, else 4)");
+  cmd->add_option("--shift", o->shift, "Flow shift (default: the model's vdit-demo.json or scheduler config)");
+  cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler")->capture_default_str();
+  cmd->add_option("-n,--negative-prompt", o->negative_prompt, "Negative prompt (default: the model's vdit-demo.json, else empty)");
+  cmd->add_option("--size", o->size, "WIDTHxHEIGHT (generated: multiples of 16; at least 32x32)")->capture_default_str();
+  cmd->add_option("--frames", o->frames, "Frames per clip (generated: 4n+1)")->capture_default_str();
+  cmd->add_option("--save-dir", o->save_dir, "Write each clip's contact sheet here (clip_0001.png, ...)");
+  cmd->add_flag("--overwrite", o->overwrite, "Replace existing contact sheets in --save-dir");
+  cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies on stdout (the report goes to stderr)");
+  cmd->add_flag("--render-only", o->render_only, "Judge rendered ground-truth clips instead of generated ones (no model)");
+  cmd->callback([o, cmd, &global] { run_eval_shapes(*o, *cmd, global); });
+}
+
+}  // namespace vdit::cli
