@@ -23,5 +23,7 @@ struct GlobalOptions {
 void register_info_command(CLI::App& app, GlobalOptions& global);
 void register_generate_command(CLI::App& app, GlobalOptions& global);
 void register_bench_command(CLI::App& app, GlobalOptions& global);
+void register_eval_command(CLI::App& app, GlobalOptions& global);
+void register_train_demo_command(CLI::App& app, GlobalOptions& global);
 
 }  // namespace vdit::cli

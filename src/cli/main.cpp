@@ -6,6 +6,7 @@
 #include "vdit/common.h"
 #include "vdit/version.h"
 
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <iostream>
@@ -30,11 +31,17 @@ int main(int argc, char** argv) {
   app.parse_complete_callback([&] {
     vdit::set_log_level(global.quiet ? vdit::LogLevel::Quiet : global.verbose ? vdit::LogLevel::Verbose : vdit::LogLevel::Info);
     vdit::set_threads(global.threads);
+    // Denormal floats take a slow microcode path on x86; small trained models produce them in
+    // their VAE (measured: a demo-VAE training step 22 s with, 0.8 s without). Flushing them to
+    // zero changes results by less than 1e-38.
+    at::globalContext().setFlushDenormal(true);
   });
 
   vdit::cli::register_generate_command(app, global);
   vdit::cli::register_info_command(app, global);
   vdit::cli::register_bench_command(app, global);
+  vdit::cli::register_eval_command(app, global);
+  vdit::cli::register_train_demo_command(app, global);
 
   try {
     app.parse(argc, argv);

@@ -797,6 +797,21 @@ at::Tensor WanVAEImpl::prepare_latent(const at::Tensor& latent) const {
   return conv2_->forward(z);
 }
 
+std::pair<at::Tensor, at::Tensor> WanVAEImpl::encode_moments(const at::Tensor& video) {
+  at::Tensor x = check_video(video);
+  FeatureCache cache;
+  std::vector<at::Tensor> outs;
+  const std::int64_t frames = x.size(2);
+  for (std::int64_t start = 0; start < frames;) {
+    const std::int64_t len = start == 0 ? 1 : kEncodeChunkFrames;
+    cache.rewind();
+    outs.push_back(encoder_->forward(x.narrow(2, start, len), cache));
+    start += len;
+  }
+  at::Tensor out = conv1_->forward(at::cat(outs, 2));
+  return {out.narrow(1, 0, config_.z_dim), out.narrow(1, config_.z_dim, config_.z_dim)};
+}
+
 at::Tensor WanVAEImpl::encode_mu_untiled(const at::Tensor& x) {
   FeatureCache cache;
   std::vector<at::Tensor> outs;

@@ -75,6 +75,10 @@ class WanVAEImpl : public torch::nn::Module {
   at::Tensor encode(const at::Tensor& video, const VAETiling& tiling = VAETiling{});
   // The same before the mean/std normalisation.
   at::Tensor encode_raw_mu(const at::Tensor& video, const VAETiling& tiling = VAETiling{});
+  // Training entry point (vdit train-demo): video -> (raw mu, raw log-variance) of the posterior,
+  // each [B,z_dim,n+1,H/8,W/8] in the parameter dtype, untiled, autograd intact. encode_raw_mu
+  // drops the log-variance, which the KL term of VAE training needs.
+  std::pair<at::Tensor, at::Tensor> encode_moments(const at::Tensor& video);
   // normalised latent [B,z_dim,F',h,w] -> video [B,3,4(F'-1)+1,8h,8w] in [-1,1] (f32).
   at::Tensor decode(const at::Tensor& latent, const VAETiling& tiling = VAETiling{});
   // The decoder output before the clamp to [-1,1].

@@ -1,0 +1,192 @@
+// `vdit train-demo`: trains the built-in "shapes" demo model from scratch, in C++ on LibTorch
+// autograd, with the same model classes inference uses (WanVAE, UMT5Encoder, WanDiT), and writes
+// it in the diffusers layout that locate_wan_model / WanT2VPipeline read.
+//
+// Stages, in order:
+//   tokenizer - a sentencepiece model over the 90 captions of the shapes grammar (spm_train)
+//   vae       - the narrow causal 3D Wan VAE: reconstruction + a small KL term
+//   dit       - the Wan DiT: flow matching on VAE latents of rendered clips, 10 % caption dropout
+// The umT5 text encoder is not trained: it stays at its seeded random initialisation (the domain
+// has 90 captions; a frozen random encoder already gives each a distinct, deterministic embedding
+// that the DiT's text MLP and cross-attention learn to read, and it costs no training time).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "vdit/models/umt5.h"
+#include "vdit/models/wan_dit.h"
+#include "vdit/models/wan_vae.h"
+
+namespace vdit::demo {
+
+// Model and training hyper-parameters (configs/shapes-demo.json). Every key is optional; the
+// defaults are the shipped demo model's.
+struct DemoTrainConfig {
+  // Clips.
+  std::int64_t width = 64, height = 64, frames = 9, fps = 8;
+
+  // Tokenizer and text encoder.
+  std::int64_t vocab_size = 64;  // an upper bound: spm_train may stop below it
+  UMT5Config text_encoder = default_text_encoder();  // vocab: the tokenizer's piece count
+  std::uint64_t text_encoder_seed = 1234;
+
+  // Models.
+  WanVAEConfig vae = default_vae();
+  WanDiTConfig dit = default_dit();  // text_dim is always text_encoder.dim
+
+  // VAE training.
+  std::int64_t vae_batch = 4;
+  double vae_lr = 1e-3;
+  double vae_kl_weight = 1e-5;       // on the per-element mean KL
+  double vae_foreground_weight = 1;  // weight of the object pixels' mean L1 against the background's
+  std::int64_t vae_steps = 0;        // 0: use minutes
+  double vae_minutes = 45;
+  std::int64_t vae_stats_clips = 256;  // clips used to measure the latent mean/std
+
+  // DiT training.
+  std::int64_t dit_batch = 32;
+  double dit_lr = 5e-4;
+  std::int64_t dit_warmup = 200;
+  double dit_weight_decay = 0.01;
+  double grad_clip = 1.0;
+  double caption_dropout = 0.1;
+  double flow_shift = 3.0;  // sigma = shift*u / (1 + (shift-1) u), u ~ U(0,1): the sampler's density
+  double ema_decay = 0.999;
+  std::int64_t pool_size = 2048;       // pre-encoded latents the DiT batches are drawn from
+  std::int64_t pool_refresh = 2;       // clips re-rendered and re-encoded per DiT step
+  std::int64_t dit_steps = 0;          // 0: use minutes
+  double dit_minutes = 120;
+  // The DiT forward under CPU bf16 autocast (f32 master weights, optimizer and loss). Measured
+  // at batch 32: 0.75 s/step against 1.8 s/step in f32.
+  bool bf16_autocast = true;
+
+  // Defaults written to vdit-demo.json for `vdit generate`.
+  std::int64_t sample_steps = 30;
+  double sample_guidance = 4.0;
+
+  double checkpoint_minutes = 5;  // train-state/ is rewritten this often and at the end of a stage
+  std::uint64_t seed = 0;
+
+  // The demo's architectures (the library structs default to the 1.3B model's).
+  static UMT5Config default_text_encoder();
+  static WanVAEConfig default_vae();
+  static WanDiTConfig default_dit();
+
+  static DemoTrainConfig from_json(const nlohmann::json& j);
+  static DemoTrainConfig from_file(const std::string& path);
+  nlohmann::json to_json() const;
+};
+
+struct DemoTrainOptions {
+  std::string out_dir;
+  std::string stage = "all";  // tokenizer | vae | dit | all | export
+  bool resume = false;
+  bool quiet_progress = false;
+};
+
+// Runs the requested stage(s). Later stages read the earlier ones' results from out_dir
+// (tokenizer/spiece.model, train-state/vae.pt). Writes the diffusers layout at the end of the
+// vae and dit stages (the DiT stage's output is the complete model).
+void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options);
+
+// The 90 captions plus nothing else, one per line: the tokenizer's training text.
+std::vector<std::string> caption_corpus();
+
+// Trains the caption tokenizer with the `spm_train` program into dir/spiece.model and returns
+// its path. Throws RuntimeError when spm_train is missing or fails.
+std::string train_caption_tokenizer(const std::string& dir, std::int64_t vocab_size);
+
+// ---- pieces the trainer is built from (public for the tests) ---------------------------------
+
+// One VAE optimisation step on a random batch; returns (total loss, reconstruction L1).
+struct VAEStepResult {
+  double loss = 0, recon = 0, kl = 0;
+};
+
+class VAETrainer {
+ public:
+  VAETrainer(const DemoTrainConfig& config, std::uint64_t seed);
+  VAEStepResult step();
+  std::int64_t steps_done() const { return step_; }
+  WanVAE& vae() { return vae_; }
+  // Weights, optimizer, step counter and both random generators.
+  void save_state(const std::string& path) const;
+  void load_state(const std::string& path);
+
+ private:
+  DemoTrainConfig config_;
+  WanVAE vae_{nullptr};
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::mt19937_64 data_rng_;
+  at::Generator noise_gen_;
+  std::int64_t step_ = 0;
+};
+
+// Per-channel mean and std of the VAE's raw mu over `clips` random clips.
+std::pair<std::vector<float>, std::vector<float>> measure_latent_stats(WanVAE& vae, const DemoTrainConfig& config,
+                                                                      std::int64_t clips, std::uint64_t seed);
+
+// Rewrites the 1x1x1 conv1 (mu rows) and conv2 of a trained VAE so that its raw latent, once
+// normalised with the config's latent_mean/latent_std (Wan's published statistics, which every
+// loader applies), equals (mu - mean) / std of the measured statistics: the decoder sees the same
+// input as before. Exact up to f32 rounding because both convolutions are affine.
+void fold_latent_stats(WanVAE& vae, const std::vector<float>& mean, const std::vector<float>& std);
+
+// The DiT stage: a frozen VAE and frozen text contexts, a pool of pre-encoded latents, AdamW,
+// EMA weights.
+struct DiTStepResult {
+  double loss = 0;
+};
+
+class DiTTrainer {
+ public:
+  // vae: trained (stats folded); contexts: the frozen umT5 output per caption in
+  // shapes::Caption::all() order, each [L_i, text_dim]; null_context: the output for "".
+  DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at::Tensor> contexts, at::Tensor null_context,
+             std::uint64_t seed);
+  // Fills the latent pool (config.pool_size clips) if it is empty.
+  void fill_pool(const std::function<void(std::int64_t, std::int64_t)>& progress = {});
+  DiTStepResult step();
+  std::int64_t steps_done() const { return step_; }
+  WanDiT& dit() { return dit_; }
+  WanDiT& ema() { return ema_; }
+  void save_state(const std::string& path) const;
+  void load_state(const std::string& path);
+  // The batch's text contexts padded to text_len: [B, text_len, text_dim].
+  at::Tensor contexts_for(const std::vector<std::int64_t>& caption_index, const std::vector<bool>& dropped) const;
+
+ private:
+  void refresh(std::int64_t count);
+  DemoTrainConfig config_;
+  WanVAE vae_;
+  std::vector<at::Tensor> contexts_;
+  at::Tensor null_context_;
+  WanDiT dit_{nullptr}, ema_{nullptr};
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  at::Tensor pool_;                          // [pool_size, 16, F', h, w] normalised latents
+  std::vector<std::int64_t> pool_caption_;   // index into Caption::all()
+  std::int64_t pool_cursor_ = 0;             // next pool slot to refresh
+  std::mt19937_64 data_rng_;
+  at::Generator noise_gen_;
+  std::int64_t step_ = 0;
+};
+
+// Frozen umT5 at its seeded random initialisation, sized to the tokenizer.
+UMT5Encoder make_text_encoder(const DemoTrainConfig& config, std::int64_t vocab);
+
+// Writes the diffusers layout: model_index.json, transformer/, text_encoder/, tokenizer/,
+// vae/, scheduler/, vdit-demo.json. Weights are stored under the original Wan names (the
+// loader accepts them in every layout); f32.
+void save_diffusers_model(const std::string& dir, const DemoTrainConfig& config, WanDiT& dit, UMT5Encoder& text_encoder,
+                          const std::string& tokenizer_path, WanVAE& vae);
+
+}  // namespace vdit::demo

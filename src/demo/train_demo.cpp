@@ -1,0 +1,962 @@
+// The shapes demo-model trainer (see include/vdit/demo/train_demo.h for the stages and the
+// choices behind them).
+#include "vdit/demo/train_demo.h"
+
+#include "vdit/common.h"
+#include "vdit/demo/shapes.h"
+#include "vdit/io/checkpoint.h"
+#include "vdit/io/safetensors.h"
+#include "vdit/models/tokenizer.h"
+#include "vdit/progress.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+
+#include <spawn.h>
+#include <sys/wait.h>
+#include <fcntl.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+
+extern char** environ;
+
+namespace vdit::demo {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+void write_text(const fs::path& path, const std::string& text) {
+  fs::create_directories(path.parent_path());
+  std::ofstream out(path);
+  out << text;
+  if (!out) throw RuntimeError("cannot write " + path.string());
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw InputError("cannot open " + path);
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(path + ": invalid JSON (" + e.what() + ")");
+  }
+}
+
+// ---- random-generator state in a training archive ---------------------------------------------
+// Both generators go into the state so a resumed run draws the same data and noise as an
+// uninterrupted one.
+
+at::Tensor string_tensor(const std::string& s) {
+  at::Tensor t = at::empty({static_cast<std::int64_t>(s.size())}, at::kByte);
+  if (!s.empty()) std::memcpy(t.data_ptr(), s.data(), s.size());
+  return t;
+}
+
+std::string tensor_string(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return std::string(reinterpret_cast<const char*>(c.data_ptr<std::uint8_t>()), static_cast<std::size_t>(c.numel()));
+}
+
+void write_rng(torch::serialize::OutputArchive& ar, const std::mt19937_64& data_rng, const at::Generator& gen) {
+  std::ostringstream s;
+  s << data_rng;
+  ar.write("data_rng", string_tensor(s.str()));
+  ar.write("noise_gen", gen.get_state());
+}
+
+void read_rng(torch::serialize::InputArchive& ar, std::mt19937_64& data_rng, at::Generator& gen) {
+  at::Tensor t;
+  ar.read("data_rng", t);
+  std::istringstream s(tensor_string(t));
+  s >> data_rng;
+  at::Tensor g;
+  ar.read("noise_gen", g);
+  gen.set_state(g);
+}
+
+std::int64_t read_int(torch::serialize::InputArchive& ar, const std::string& key) {
+  at::Tensor t;
+  ar.read(key, t);
+  return t.item<std::int64_t>();
+}
+
+// Saves to a temporary name and renames, so an interrupted save never leaves a torn state file.
+void save_archive(torch::serialize::OutputArchive& ar, const std::string& path) {
+  fs::create_directories(fs::path(path).parent_path());
+  const std::string tmp = path + ".tmp";
+  ar.save_to(tmp);
+  fs::rename(tmp, path);
+}
+
+void set_lr(torch::optim::Optimizer& opt, double lr) {
+  for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+}
+
+// Index of a caption in Caption::all() (the order the frozen text contexts are stored in).
+std::int64_t caption_index(const shapes::Caption& c) {
+  static const std::vector<shapes::Caption> all = shapes::Caption::all();
+  for (std::size_t i = 0; i < all.size(); ++i)
+    if (all[i] == c) return static_cast<std::int64_t>(i);
+  throw RuntimeError("caption '" + c.text() + "' is not in Caption::all()");
+}
+
+// The background colour in the [-1, 1] pixel range the renderer produces.
+at::Tensor background_pixels() {
+  return at::tensor({2 * shapes::kBackground[0] - 1, 2 * shapes::kBackground[1] - 1, 2 * shapes::kBackground[2] - 1})
+      .view({1, 3, 1, 1, 1});
+}
+
+// RAII: CPU bf16 autocast for the DiT forward when the config asks for it.
+struct AutocastScope {
+  explicit AutocastScope(bool on) : on_(on) {
+    if (!on_) return;
+    prev_enabled_ = at::autocast::is_cpu_enabled();
+    prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  }
+  ~AutocastScope() {
+    if (!on_) return;
+    at::autocast::set_cpu_enabled(prev_enabled_);
+    at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+    at::autocast::clear_cache();
+  }
+  bool on_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
+// A stage's budget: steps when given, otherwise wall-clock minutes (counted over resumed runs).
+struct Budget {
+  std::int64_t steps = 0;
+  double minutes = 0;
+  bool done(std::int64_t step, double seconds) const {
+    return steps > 0 ? step >= steps : seconds >= minutes * 60.0;
+  }
+  std::int64_t total() const { return steps > 0 ? steps : static_cast<std::int64_t>(std::ceil(minutes * 60)); }
+  std::int64_t progress(std::int64_t step, double seconds) const {
+    return steps > 0 ? step : static_cast<std::int64_t>(seconds);
+  }
+};
+
+std::string fmt(double v, int precision = 4) {
+  std::ostringstream s;
+  s << std::setprecision(precision) << v;
+  return s.str();
+}
+
+nlohmann::json vae_config_json(const WanVAEConfig& c) {
+  nlohmann::json j;
+  j["_class_name"] = "AutoencoderKLWan";
+  j["base_dim"] = c.dim;
+  j["z_dim"] = c.z_dim;
+  j["dim_mult"] = c.dim_mult;
+  j["num_res_blocks"] = c.num_res_blocks;
+  j["attn_scales"] = c.attn_scales;
+  j["temperal_downsample"] = c.temporal_downsample;
+  j["dropout"] = 0.0;
+  j["latents_mean"] = c.latent_mean;
+  j["latents_std"] = c.latent_std;
+  return j;
+}
+
+nlohmann::json t5_config_json(const UMT5Config& c) {
+  // The Hugging Face UMT5EncoderModel spelling, for readers that want it; vdit infers the sizes
+  // from the weights.
+  return {{"architectures", {"UMT5EncoderModel"}},
+          {"model_type", "umt5"},
+          {"vocab_size", c.vocab},
+          {"d_model", c.dim},
+          {"d_kv", c.head_dim()},
+          {"d_ff", c.dim_ffn},
+          {"num_heads", c.num_heads},
+          {"num_layers", c.num_layers},
+          {"relative_attention_num_buckets", c.num_buckets},
+          {"relative_attention_max_distance", c.max_distance},
+          {"layer_norm_epsilon", c.eps},
+          {"feed_forward_proj", "gated-gelu"},
+          {"pad_token_id", 0},
+          {"eos_token_id", 1}};
+}
+
+std::vector<WriteEntry> parameter_entries(torch::nn::Module& m) {
+  std::vector<WriteEntry> out;
+  for (const auto& p : m.named_parameters()) out.push_back({p.key(), p.value().detach().to(at::kFloat).contiguous(), std::nullopt});
+  return out;
+}
+
+void copy_parameters(torch::nn::Module& from, torch::nn::Module& to) {
+  torch::NoGradGuard no_grad;
+  auto src = from.named_parameters();
+  for (auto& p : to.named_parameters()) p.value().copy_(src[p.key()]);
+}
+
+}  // namespace
+
+// ---- config -------------------------------------------------------------------------------------
+
+UMT5Config DemoTrainConfig::default_text_encoder() {
+  UMT5Config c;
+  c.vocab = 64;
+  c.dim = 64;
+  c.dim_attn = 64;
+  c.dim_ffn = 128;
+  c.num_heads = 4;
+  c.num_layers = 2;
+  c.num_buckets = 32;
+  c.max_distance = 128;
+  return c;
+}
+
+WanVAEConfig DemoTrainConfig::default_vae() {
+  WanVAEConfig c;  // z_dim 16, Wan's temporal downsampling and published latent statistics
+  c.dim = 8;
+  c.num_res_blocks = 1;
+  c.dim_mult = {1, 2, 4, 4};
+  c.attn_scales = {};
+  return c;
+}
+
+WanDiTConfig DemoTrainConfig::default_dit() {
+  WanDiTConfig c;
+  c.dim = 128;
+  c.ffn_dim = 512;
+  c.freq_dim = 64;
+  c.num_heads = 4;
+  c.num_layers = 4;
+  c.patch_size = {1, 1, 1};
+  c.text_dim = 64;
+  c.text_len = 16;
+  return c;
+}
+
+DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
+  DemoTrainConfig c;
+  if (!j.is_object()) throw InputError("demo training config must be a JSON object");
+  auto get = [&](const char* key, auto& field) {
+    if (j.contains(key)) {
+      try {
+        j.at(key).get_to(field);
+      } catch (const nlohmann::json::exception&) {
+        throw InputError(std::string("demo training config: bad value for '") + key + "'");
+      }
+    }
+  };
+  get("width", c.width);
+  get("height", c.height);
+  get("frames", c.frames);
+  get("fps", c.fps);
+  get("vocab_size", c.vocab_size);
+  get("text_encoder_seed", c.text_encoder_seed);
+  if (j.contains("text_encoder")) {
+    const auto& t = j.at("text_encoder");
+    auto tget = [&](const char* key, std::int64_t& field) {
+      if (t.contains(key)) field = t.at(key).get<std::int64_t>();
+    };
+    tget("dim", c.text_encoder.dim);
+    tget("dim_attn", c.text_encoder.dim_attn);
+    tget("dim_ffn", c.text_encoder.dim_ffn);
+    tget("num_heads", c.text_encoder.num_heads);
+    tget("num_layers", c.text_encoder.num_layers);
+    tget("num_buckets", c.text_encoder.num_buckets);
+    tget("max_distance", c.text_encoder.max_distance);
+  }
+  if (j.contains("vae")) {
+    const WanVAEConfig published;  // keep Wan's published latent statistics (see fold_latent_stats)
+    c.vae = WanVAEConfig::from_json(j.at("vae"));
+    c.vae.latent_mean = published.latent_mean;
+    c.vae.latent_std = published.latent_std;
+  }
+  if (j.contains("dit")) c.dit = WanDiTConfig::from_json(j.at("dit"));
+  c.dit.text_dim = c.text_encoder.dim;  // the DiT reads the encoder's output
+  get("vae_batch", c.vae_batch);
+  get("vae_lr", c.vae_lr);
+  get("vae_kl_weight", c.vae_kl_weight);
+  get("vae_foreground_weight", c.vae_foreground_weight);
+  get("vae_steps", c.vae_steps);
+  get("vae_minutes", c.vae_minutes);
+  get("vae_stats_clips", c.vae_stats_clips);
+  get("dit_batch", c.dit_batch);
+  get("dit_lr", c.dit_lr);
+  get("dit_warmup", c.dit_warmup);
+  get("dit_weight_decay", c.dit_weight_decay);
+  get("grad_clip", c.grad_clip);
+  get("caption_dropout", c.caption_dropout);
+  get("flow_shift", c.flow_shift);
+  get("ema_decay", c.ema_decay);
+  get("pool_size", c.pool_size);
+  get("pool_refresh", c.pool_refresh);
+  get("dit_steps", c.dit_steps);
+  get("dit_minutes", c.dit_minutes);
+  get("bf16_autocast", c.bf16_autocast);
+  get("sample_steps", c.sample_steps);
+  get("sample_guidance", c.sample_guidance);
+  get("checkpoint_minutes", c.checkpoint_minutes);
+  get("seed", c.seed);
+  c.vae.validate();
+  c.dit.validate();
+  c.text_encoder.validate();
+  if (c.frames < 1 || (c.frames - 1) % 4 != 0) throw InputError("demo training config: frames must be 4n+1");
+  if (c.width % 16 != 0 || c.height % 16 != 0) throw InputError("demo training config: width and height must be multiples of 16");
+  if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
+  if (c.pool_size < 1) throw InputError("demo training config: pool_size must be >= 1");
+  return c;
+}
+
+DemoTrainConfig DemoTrainConfig::from_file(const std::string& path) { return from_json(read_json(path)); }
+
+nlohmann::json DemoTrainConfig::to_json() const {
+  nlohmann::json j;
+  j["width"] = width;
+  j["height"] = height;
+  j["frames"] = frames;
+  j["fps"] = fps;
+  j["vocab_size"] = vocab_size;
+  j["text_encoder_seed"] = text_encoder_seed;
+  j["text_encoder"] = {{"dim", text_encoder.dim},           {"dim_attn", text_encoder.dim_attn},
+                       {"dim_ffn", text_encoder.dim_ffn},   {"num_heads", text_encoder.num_heads},
+                       {"num_layers", text_encoder.num_layers}, {"num_buckets", text_encoder.num_buckets},
+                       {"max_distance", text_encoder.max_distance}};
+  nlohmann::json v = vae_config_json(vae);
+  v.erase("_class_name");
+  v.erase("latents_mean");
+  v.erase("latents_std");
+  v.erase("dropout");
+  j["vae"] = v;
+  nlohmann::json d = dit.to_json();
+  d.erase("text_dim");  // always the text encoder's dim
+  j["dit"] = d;
+  j["vae_batch"] = vae_batch;
+  j["vae_lr"] = vae_lr;
+  j["vae_kl_weight"] = vae_kl_weight;
+  j["vae_foreground_weight"] = vae_foreground_weight;
+  j["vae_steps"] = vae_steps;
+  j["vae_minutes"] = vae_minutes;
+  j["vae_stats_clips"] = vae_stats_clips;
+  j["dit_batch"] = dit_batch;
+  j["dit_lr"] = dit_lr;
+  j["dit_warmup"] = dit_warmup;
+  j["dit_weight_decay"] = dit_weight_decay;
+  j["grad_clip"] = grad_clip;
+  j["caption_dropout"] = caption_dropout;
+  j["flow_shift"] = flow_shift;
+  j["ema_decay"] = ema_decay;
+  j["pool_size"] = pool_size;
+  j["pool_refresh"] = pool_refresh;
+  j["dit_steps"] = dit_steps;
+  j["dit_minutes"] = dit_minutes;
+  j["bf16_autocast"] = bf16_autocast;
+  j["sample_steps"] = sample_steps;
+  j["sample_guidance"] = sample_guidance;
+  j["checkpoint_minutes"] = checkpoint_minutes;
+  j["seed"] = seed;
+  return j;
+}
+
+// ---- tokenizer ----------------------------------------------------------------------------------
+
+std::vector<std::string> caption_corpus() {
+  std::vector<std::string> out;
+  for (const auto& c : shapes::Caption::all()) out.push_back(c.text());
+  return out;
+}
+
+std::string train_caption_tokenizer(const std::string& dir, std::int64_t vocab_size) {
+  // spm_train (Debian package `sentencepiece`) runs as a child process: the sentencepiece
+  // training library is not linked anywhere (the shim only loads models, and linking the trainer
+  // beside LibTorch meets the same protobuf clash the shim exists for), and a separate process
+  // cannot clash with anything.
+  //
+  // model_type=word: a unigram model trained on 90 short sentences keeps mostly single
+  // characters (measured: "red" -> "re" "d"), which makes captions 25+ tokens; the grammar has 17
+  // words, and one piece per word keeps a caption at 6-7 tokens. pad 0, eos 1, unk 2, no bos:
+  // umT5's ids. nmt_nfkc_cf folds case so "A Red Circle" tokenizes like the captions.
+  fs::create_directories(dir);
+  const fs::path corpus = fs::path(dir) / "captions.txt";
+  {
+    std::ofstream out(corpus);
+    for (const auto& line : caption_corpus()) out << line << "\n";
+    if (!out) throw RuntimeError("cannot write " + corpus.string());
+  }
+  const fs::path prefix = fs::path(dir) / "spiece";
+  const fs::path log = fs::path(dir) / "spm_train.log";
+  std::vector<std::string> args = {"spm_train",
+                                   "--input=" + corpus.string(),
+                                   "--model_prefix=" + prefix.string(),
+                                   "--vocab_size=" + std::to_string(vocab_size),
+                                   "--model_type=word",
+                                   "--hard_vocab_limit=false",
+                                   "--normalization_rule_name=nmt_nfkc_cf",
+                                   "--pad_id=0",
+                                   "--eos_id=1",
+                                   "--unk_id=2",
+                                   "--bos_id=-1",
+                                   "--num_threads=1"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = 0;
+  const int rc = posix_spawnp(&pid, "spm_train", &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0)
+    throw RuntimeError("cannot run spm_train (" + std::string(std::strerror(rc)) +
+                       "); install the Debian/Ubuntu package 'sentencepiece'");
+  int status = 0;
+  if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    throw RuntimeError("spm_train failed; see " + log.string());
+  std::error_code ec;
+  fs::remove(corpus, ec);
+  fs::remove(fs::path(dir) / "spiece.vocab", ec);
+  fs::remove(log, ec);
+  return (fs::path(dir) / "spiece.model").string();
+}
+
+// ---- VAE ----------------------------------------------------------------------------------------
+
+namespace {
+// Training runs the VAE without latent normalisation (statistics are measured afterwards).
+WanVAEConfig unnormalised(WanVAEConfig c) {
+  c.latent_mean.assign(static_cast<std::size_t>(c.z_dim), 0.f);
+  c.latent_std.assign(static_cast<std::size_t>(c.z_dim), 1.f);
+  return c;
+}
+}  // namespace
+
+VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed)
+    : config_(config), data_rng_(seed), noise_gen_(at::make_generator<at::CPUGeneratorImpl>(seed + 1)) {
+  torch::manual_seed(seed);
+  vae_ = WanVAE(unnormalised(config.vae));
+  vae_->train();
+  optimizer_ = std::make_unique<torch::optim::AdamW>(
+      vae_->parameters(), torch::optim::AdamWOptions(config.vae_lr).betas({0.9, 0.99}).weight_decay(0.0));
+}
+
+VAEStepResult VAETrainer::step() {
+  auto batch = shapes::random_batch(config_.vae_batch, config_.frames, config_.width, config_.height, data_rng_);
+  const at::Tensor video = batch.video;
+  auto [mu, logvar] = vae_->encode_moments(video);
+  logvar = logvar.clamp(-30.0, 20.0);
+  const at::Tensor eps = at::randn(mu.sizes(), noise_gen_, mu.options());
+  const at::Tensor z = mu + at::exp(0.5 * logvar) * eps;
+  const at::Tensor recon = vae_->decode_unclamped(z);
+  // The object covers ~2 % of the frame: plain L1 is dominated by the flat background and
+  // settles on a dim, smeared object (measured: a fixed 8x foreground weight plateaued at a
+  // reconstruction that lost most colours). The object's pixels and the background's are
+  // therefore averaged separately, and the object's mean counts vae_foreground_weight times.
+  const at::Tensor fg = ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat).expand_as(video);
+  const at::Tensor err = (recon - video).abs();
+  const at::Tensor fg_loss = (err * fg).sum() / fg.sum().clamp_min(1.0);
+  const at::Tensor bg_loss = (err * (1.0 - fg)).sum() / (1.0 - fg).sum().clamp_min(1.0);
+  const at::Tensor recon_loss = bg_loss + config_.vae_foreground_weight * fg_loss;
+  const at::Tensor kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean();
+  const at::Tensor loss = recon_loss + config_.vae_kl_weight * kl;
+  optimizer_->zero_grad();
+  loss.backward();
+  if (config_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(vae_->parameters(), config_.grad_clip);
+  optimizer_->step();
+  ++step_;
+  VAEStepResult r;
+  r.loss = loss.item<double>();
+  r.recon = (recon.detach() - video).abs().mean().item<double>();
+  r.kl = kl.item<double>();
+  return r;
+}
+
+void VAETrainer::save_state(const std::string& path) const {
+  torch::serialize::OutputArchive ar, model, optim;
+  vae_->save(model);
+  optimizer_->save(optim);
+  ar.write("model", model);
+  ar.write("optim", optim);
+  ar.write("step", at::tensor(step_));
+  write_rng(ar, data_rng_, noise_gen_);
+  save_archive(ar, path);
+}
+
+void VAETrainer::load_state(const std::string& path) {
+  torch::serialize::InputArchive ar, model, optim;
+  ar.load_from(path);
+  ar.read("model", model);
+  ar.read("optim", optim);
+  vae_->load(model);
+  optimizer_->load(optim);
+  step_ = read_int(ar, "step");
+  read_rng(ar, data_rng_, noise_gen_);
+}
+
+std::pair<std::vector<float>, std::vector<float>> measure_latent_stats(WanVAE& vae, const DemoTrainConfig& config,
+                                                                      std::int64_t clips, std::uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  std::mt19937_64 rng(seed);
+  const std::int64_t z = vae->config().z_dim;
+  at::Tensor sum = at::zeros({z}, at::kDouble), sumsq = at::zeros({z}, at::kDouble);
+  std::int64_t count = 0;
+  for (std::int64_t done = 0; done < clips;) {
+    const std::int64_t n = std::min<std::int64_t>(16, clips - done);
+    auto batch = shapes::random_batch(n, config.frames, config.width, config.height, rng);
+    const at::Tensor mu = vae->encode_moments(batch.video).first.to(at::kDouble);
+    sum += mu.sum({0, 2, 3, 4});
+    sumsq += mu.pow(2).sum({0, 2, 3, 4});
+    count += mu.numel() / z;
+    done += n;
+  }
+  const at::Tensor mean = sum / static_cast<double>(count);
+  const at::Tensor var = (sumsq / static_cast<double>(count) - mean.pow(2)).clamp_min(1e-12);
+  const at::Tensor mf = mean.to(at::kFloat).contiguous(), sf = var.sqrt().to(at::kFloat).contiguous();
+  return {std::vector<float>(mf.data_ptr<float>(), mf.data_ptr<float>() + z),
+          std::vector<float>(sf.data_ptr<float>(), sf.data_ptr<float>() + z)};
+}
+
+void fold_latent_stats(WanVAE& vae, const std::vector<float>& mean, const std::vector<float>& std) {
+  const auto& cfg = vae->config();
+  const std::int64_t z = cfg.z_dim;
+  if (static_cast<std::int64_t>(mean.size()) != z || static_cast<std::int64_t>(std.size()) != z)
+    throw InputError("fold_latent_stats: statistics need z_dim entries");
+  torch::NoGradGuard no_grad;
+  auto params = vae->named_parameters();
+  at::Tensor w1 = params["conv1.weight"], b1 = params["conv1.bias"];  // [2z, 2z, 1,1,1], [2z]
+  at::Tensor w2 = params["conv2.weight"], b2 = params["conv2.bias"];  // [z, z, 1,1,1], [z]
+  const at::Tensor m = at::tensor(mean).to(at::kDouble), s = at::tensor(std).to(at::kDouble);
+  const at::Tensor M = at::tensor(cfg.latent_mean).to(at::kDouble), S = at::tensor(cfg.latent_std).to(at::kDouble);
+  const at::Tensor ratio = S / s;  // new raw mu = M + (S/s) (mu - m)
+  // Encoder side: scale and shift the mu rows; the log-variance rows move by 2 log(S/s) so the
+  // posterior keeps its width relative to the mean.
+  at::Tensor w1d = w1.to(at::kDouble), b1d = b1.to(at::kDouble);
+  w1d.narrow(0, 0, z).mul_(ratio.view({z, 1, 1, 1, 1}));
+  b1d.narrow(0, 0, z).sub_(m).mul_(ratio).add_(M);
+  b1d.narrow(0, z, z).add_(2.0 * ratio.log());
+  // Decoder side: conv2 receives the new raw mu; mu = m + (s/S)(mu' - M).
+  at::Tensor w2d = w2.to(at::kDouble), b2d = b2.to(at::kDouble);
+  const at::Tensor w2flat = w2d.view({z, z});
+  const at::Tensor shift = at::mv(w2flat, m - M / ratio);
+  b2d.add_(shift);
+  w2d.mul_((1.0 / ratio).view({1, z, 1, 1, 1}));
+  w1.copy_(w1d);
+  b1.copy_(b1d);
+  w2.copy_(w2d);
+  b2.copy_(b2d);
+}
+
+// ---- text encoder -------------------------------------------------------------------------------
+
+UMT5Encoder make_text_encoder(const DemoTrainConfig& config, std::int64_t vocab) {
+  UMT5Config c = config.text_encoder;
+  c.vocab = vocab;
+  torch::manual_seed(config.text_encoder_seed);
+  UMT5Encoder model(c, at::TensorOptions().dtype(at::kFloat), /*random_init=*/true);
+  model->eval();
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  return model;
+}
+
+// ---- DiT ----------------------------------------------------------------------------------------
+
+DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at::Tensor> contexts,
+                       at::Tensor null_context, std::uint64_t seed)
+    : config_(config),
+      vae_(std::move(vae)),
+      contexts_(std::move(contexts)),
+      null_context_(std::move(null_context)),
+      data_rng_(seed),
+      noise_gen_(at::make_generator<at::CPUGeneratorImpl>(seed + 1)) {
+  if (contexts_.size() != shapes::Caption::all().size())
+    throw InputError("DiT trainer: need one text context per caption");
+  for (const auto& c : contexts_)
+    if (c.size(0) > config_.dit.text_len)
+      throw InputError("DiT trainer: a caption has " + std::to_string(c.size(0)) + " tokens, more than text_len " +
+                       std::to_string(config_.dit.text_len));
+  vae_->eval();
+  for (auto& p : vae_->parameters()) p.set_requires_grad(false);
+  torch::manual_seed(seed);
+  dit_ = WanDiT(config_.dit);
+  dit_->reset_parameters();
+  dit_->train();
+  ema_ = WanDiT(config_.dit);
+  copy_parameters(*dit_, *ema_);
+  ema_->eval();
+  for (auto& p : ema_->parameters()) p.set_requires_grad(false);
+  optimizer_ = std::make_unique<torch::optim::AdamW>(
+      dit_->parameters(),
+      torch::optim::AdamWOptions(config_.dit_lr).betas({0.9, 0.99}).weight_decay(config_.dit_weight_decay));
+}
+
+void DiTTrainer::refresh(std::int64_t count) {
+  torch::NoGradGuard no_grad;
+  const std::int64_t n = pool_.size(0);
+  for (std::int64_t done = 0; done < count;) {
+    const std::int64_t k = std::min<std::int64_t>({16, count - done, n - pool_cursor_});
+    auto batch = shapes::random_batch(k, config_.frames, config_.width, config_.height, data_rng_);
+    pool_.narrow(0, pool_cursor_, k).copy_(vae_->encode(batch.video));
+    for (std::int64_t i = 0; i < k; ++i) pool_caption_[pool_cursor_ + i] = caption_index(batch.captions[i]);
+    pool_cursor_ = (pool_cursor_ + k) % n;
+    done += k;
+  }
+}
+
+void DiTTrainer::fill_pool(const std::function<void(std::int64_t, std::int64_t)>& progress) {
+  if (pool_.defined()) return;
+  const std::int64_t n = config_.pool_size;
+  const std::int64_t f = (config_.frames - 1) / vae_->config().temporal_stride() + 1;
+  const std::int64_t s = vae_->config().spatial_stride();
+  pool_ = at::zeros({n, vae_->config().z_dim, f, config_.height / s, config_.width / s});
+  pool_caption_.assign(static_cast<std::size_t>(n), 0);
+  pool_cursor_ = 0;
+  for (std::int64_t done = 0; done < n;) {
+    const std::int64_t k = std::min<std::int64_t>(64, n - done);
+    refresh(k);
+    done += k;
+    if (progress) progress(done, n);
+  }
+}
+
+at::Tensor DiTTrainer::contexts_for(const std::vector<std::int64_t>& caption_index, const std::vector<bool>& dropped) const {
+  std::vector<at::Tensor> rows;
+  for (std::size_t i = 0; i < caption_index.size(); ++i) {
+    const at::Tensor& c = dropped[i] ? null_context_ : contexts_[static_cast<std::size_t>(caption_index[i])];
+    // Zero rows up to text_len, exactly what WanDiT::encode_text does to the pipeline's context.
+    rows.push_back(at::constant_pad_nd(c, {0, 0, 0, config_.dit.text_len - c.size(0)}, 0.0));
+  }
+  return at::stack(rows);
+}
+
+DiTStepResult DiTTrainer::step() {
+  if (!pool_.defined()) fill_pool();
+  const std::int64_t B = config_.dit_batch, n = pool_.size(0);
+  std::uniform_int_distribution<std::int64_t> pick(0, n - 1);
+  std::uniform_real_distribution<double> coin(0.0, 1.0);
+  std::vector<std::int64_t> idx(B), cap(B);
+  std::vector<bool> dropped(B);
+  for (std::int64_t i = 0; i < B; ++i) {
+    idx[i] = pick(data_rng_);
+    cap[i] = pool_caption_[idx[i]];
+    dropped[i] = coin(data_rng_) < config_.caption_dropout;
+  }
+  const at::Tensor x0 = pool_.index_select(0, at::tensor(idx));
+  const at::Tensor eps = at::randn(x0.sizes(), noise_gen_, x0.options());
+  // sigma = shift*u / (1 + (shift-1) u), u uniform: the density of the sampler's shifted schedule
+  // at inference, so training effort goes where sampling spends its steps (high noise).
+  const at::Tensor u = at::rand({B}, noise_gen_, x0.options());
+  const at::Tensor sigma = config_.flow_shift * u / (1.0 + (config_.flow_shift - 1.0) * u);
+  const at::Tensor sv = sigma.view({B, 1, 1, 1, 1});
+  const at::Tensor xt = (1.0 - sv) * x0 + sv * eps;
+  const at::Tensor target = eps - x0;
+  const at::Tensor t = sigma * 1000.0;
+  const at::Tensor ctx = contexts_for(cap, dropped);
+
+  // Linear warm-up, then constant: the EMA does the late-training smoothing.
+  const double lr = config_.dit_lr * std::min(1.0, static_cast<double>(step_ + 1) / std::max<std::int64_t>(1, config_.dit_warmup));
+  set_lr(*optimizer_, lr);
+  at::Tensor pred;
+  {
+    AutocastScope autocast(config_.bf16_autocast);
+    WanTextCondition cond = dit_->encode_text(ctx);
+    pred = dit_->forward(xt, t, cond);
+  }
+  const at::Tensor loss = at::mse_loss(pred.to(at::kFloat), target);
+  optimizer_->zero_grad();
+  loss.backward();
+  if (config_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(dit_->parameters(), config_.grad_clip);
+  optimizer_->step();
+  ++step_;
+  {
+    // EMA with the usual warm-up (short runs are not dominated by the random initialisation).
+    torch::NoGradGuard no_grad;
+    const double d = std::min(config_.ema_decay, (1.0 + step_) / (10.0 + step_));
+    auto live = dit_->named_parameters();
+    for (auto& p : ema_->named_parameters()) p.value().mul_(d).add_(live[p.key()].detach(), 1.0 - d);
+  }
+  if (config_.pool_refresh > 0) refresh(config_.pool_refresh);
+  return {loss.item<double>()};
+}
+
+void DiTTrainer::save_state(const std::string& path) const {
+  torch::serialize::OutputArchive ar, model, ema, optim;
+  dit_->save(model);
+  ema_->save(ema);
+  optimizer_->save(optim);
+  ar.write("model", model);
+  ar.write("ema", ema);
+  ar.write("optim", optim);
+  ar.write("step", at::tensor(step_));
+  if (pool_.defined()) {
+    ar.write("pool", pool_);
+    ar.write("pool_caption", at::tensor(pool_caption_));
+    ar.write("pool_cursor", at::tensor(pool_cursor_));
+  }
+  write_rng(ar, data_rng_, noise_gen_);
+  save_archive(ar, path);
+}
+
+void DiTTrainer::load_state(const std::string& path) {
+  torch::serialize::InputArchive ar, model, ema, optim;
+  ar.load_from(path);
+  ar.read("model", model);
+  ar.read("ema", ema);
+  ar.read("optim", optim);
+  dit_->load(model);
+  ema_->load(ema);
+  optimizer_->load(optim);
+  step_ = read_int(ar, "step");
+  at::Tensor pool;
+  if (ar.try_read("pool", pool)) {
+    pool_ = pool;
+    at::Tensor caps;
+    ar.read("pool_caption", caps);
+    caps = caps.contiguous();
+    pool_caption_.assign(caps.data_ptr<std::int64_t>(), caps.data_ptr<std::int64_t>() + caps.numel());
+    pool_cursor_ = read_int(ar, "pool_cursor");
+  }
+  read_rng(ar, data_rng_, noise_gen_);
+}
+
+// ---- export -------------------------------------------------------------------------------------
+
+namespace {
+
+void write_vae(const fs::path& dir, WanVAE& vae) {
+  fs::create_directories(dir / "vae");
+  write_safetensors((dir / "vae" / "diffusion_pytorch_model.safetensors").string(), parameter_entries(*vae));
+  write_text(dir / "vae" / "config.json", vae_config_json(vae->config()).dump(2) + "\n");
+}
+
+void write_text_encoder(const fs::path& dir, UMT5Encoder& t5, const std::string& tokenizer_path) {
+  fs::create_directories(dir / "text_encoder");
+  write_safetensors((dir / "text_encoder" / "model.safetensors").string(), parameter_entries(*t5));
+  write_text(dir / "text_encoder" / "config.json", t5_config_json(t5->config()).dump(2) + "\n");
+  const fs::path target = dir / "tokenizer" / "spiece.model";
+  fs::create_directories(target.parent_path());
+  std::error_code ec;
+  if (!fs::equivalent(tokenizer_path, target, ec)) fs::copy_file(tokenizer_path, target, fs::copy_options::overwrite_existing);
+}
+
+void write_pipeline_files(const fs::path& dir, const DemoTrainConfig& config) {
+  const nlohmann::json index = {{"_class_name", "WanPipeline"},
+                                {"_diffusers_version", "0.33.0"},
+                                {"scheduler", {"diffusers", "UniPCMultistepScheduler"}},
+                                {"text_encoder", {"transformers", "UMT5EncoderModel"}},
+                                {"tokenizer", {"transformers", "T5TokenizerFast"}},
+                                {"transformer", {"diffusers", "WanTransformer3DModel"}},
+                                {"vae", {"diffusers", "AutoencoderKLWan"}}};
+  write_text(dir / "model_index.json", index.dump(2) + "\n");
+  const nlohmann::json scheduler = {{"_class_name", "UniPCMultistepScheduler"},
+                                    {"num_train_timesteps", 1000},
+                                    {"prediction_type", "flow_prediction"},
+                                    {"use_flow_sigmas", true},
+                                    {"flow_shift", config.flow_shift},
+                                    {"solver_order", 2},
+                                    {"predict_x0", true},
+                                    {"solver_type", "bh2"},
+                                    {"lower_order_final", true}};
+  write_text(dir / "scheduler" / "scheduler_config.json", scheduler.dump(2) + "\n");
+  // Keys as `vdit generate` reads them; "_training" is bookkeeping it skips.
+  const nlohmann::json demo = {{"size", std::to_string(config.width) + "x" + std::to_string(config.height)},
+                               {"frames", config.frames},
+                               {"fps", config.fps},
+                               {"steps", config.sample_steps},
+                               {"guidance", config.sample_guidance},
+                               {"shift", config.flow_shift},
+                               {"sampler", "unipc"},
+                               {"negative_prompt", ""},
+                               {"_training", config.to_json()}};
+  write_text(dir / "vdit-demo.json", demo.dump(2) + "\n");
+}
+
+void write_transformer(const fs::path& dir, WanDiT& dit) {
+  fs::create_directories(dir / "transformer");
+  write_safetensors((dir / "transformer" / "diffusion_pytorch_model.safetensors").string(), parameter_entries(*dit));
+  nlohmann::json c = dit->config.to_json();
+  c["_class_name"] = "WanModel";
+  write_text(dir / "transformer" / "config.json", c.dump(2) + "\n");
+}
+
+// The frozen contexts of the 90 captions and of "" (the demo's negative prompt), computed with
+// the same TextEncoder the pipeline uses.
+std::pair<std::vector<at::Tensor>, at::Tensor> caption_contexts(UMT5Encoder t5, const WanTokenizer& tokenizer) {
+  TextEncoder encoder(std::move(t5), tokenizer);
+  std::vector<std::string> prompts = caption_corpus();
+  prompts.push_back("");
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> out = encoder.encode(prompts);
+  for (auto& t : out) t = t.detach().clone();
+  at::Tensor null = out.back();
+  out.pop_back();
+  return {out, null};
+}
+
+WanVAE load_trained_vae(const fs::path& dir) {
+  const std::string path = (dir / "vae" / "diffusion_pytorch_model.safetensors").string();
+  if (!fs::exists(path)) throw InputError(path + " is missing: run the vae stage first");
+  auto file = WeightFile::open(path);
+  // The same construction as the pipeline (architecture from the weights, published latent
+  // statistics), so the DiT trains on exactly the latents generation will decode.
+  WanVAE vae(WanVAEConfig::infer_from_weights(*file));
+  load_wan_vae_weights(vae, *file, at::kFloat);
+  vae->eval();
+  return vae;
+}
+
+}  // namespace
+
+void save_diffusers_model(const std::string& dir, const DemoTrainConfig& config, WanDiT& dit, UMT5Encoder& text_encoder,
+                          const std::string& tokenizer_path, WanVAE& vae) {
+  const fs::path root(dir);
+  write_pipeline_files(root, config);
+  write_transformer(root, dit);
+  write_text_encoder(root, text_encoder, tokenizer_path);
+  write_vae(root, vae);
+}
+
+// ---- the stages ---------------------------------------------------------------------------------
+
+namespace {
+
+void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& options) {
+  const fs::path root(options.out_dir), state_dir = root / "train-state";
+  const std::string state = (state_dir / "vae.pt").string();
+  VAETrainer trainer(config, config.seed * 1000 + 1);
+  double elapsed = 0;
+  if (options.resume && fs::exists(state)) {
+    trainer.load_state(state);
+    std::ifstream in(state_dir / "vae.elapsed");
+    if (in) in >> elapsed;
+    log_info("vae: resuming at step " + std::to_string(trainer.steps_done()));
+  }
+  const Budget budget{config.vae_steps, config.vae_minutes};
+  // The elapsed time rides along so a minutes budget counts over resumed runs.
+  auto save = [&] {
+    trainer.save_state(state);
+    std::ofstream(state_dir / "vae.elapsed") << std::setprecision(17) << elapsed;
+  };
+  ProgressBar bar("train vae", budget.total());
+  auto t0 = Clock::now();
+  const double base = elapsed;
+  auto last_save = Clock::now();
+  double avg = 0;
+  bool first = true;
+  while (!budget.done(trainer.steps_done(), elapsed)) {
+    const VAEStepResult r = trainer.step();
+    avg = first ? r.recon : 0.98 * avg + 0.02 * r.recon;  // smoothed for the progress line
+    first = false;
+    elapsed = base + seconds_since(t0);
+    if (!options.quiet_progress)
+      bar.update(budget.progress(trainer.steps_done(), elapsed),
+                 "step " + std::to_string(trainer.steps_done()) + " L1 " + fmt(avg) + " kl " + fmt(r.kl, 3));
+    if (seconds_since(last_save) > config.checkpoint_minutes * 60) {
+      save();
+      last_save = Clock::now();
+    }
+  }
+  bar.finish();
+  save();
+  log_info("vae: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
+
+  // Normalise the latent: measure, fold into the 1x1x1 convolutions, write the final VAE.
+  WanVAEConfig final_config = config.vae;  // published latent statistics
+  WanVAE final_vae(final_config);
+  copy_parameters(*trainer.vae(), *final_vae);
+  auto [mean, std] = measure_latent_stats(trainer.vae(), config, config.vae_stats_clips, config.seed * 1000 + 7);
+  fold_latent_stats(final_vae, mean, std);
+  final_vae->eval();
+  write_vae(root, final_vae);
+  log_info("vae: written to " + (root / "vae").string());
+}
+
+void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& options) {
+  const fs::path root(options.out_dir), state_dir = root / "train-state";
+  const std::string tokenizer_path = (root / "tokenizer" / "spiece.model").string();
+  if (!fs::exists(tokenizer_path)) throw InputError(tokenizer_path + " is missing: run the tokenizer stage first");
+  WanTokenizer tokenizer = WanTokenizer::from_file(tokenizer_path);
+  UMT5Encoder t5 = make_text_encoder(config, tokenizer.vocab_size());
+  write_text_encoder(root, t5, tokenizer_path);
+  auto [contexts, null_context] = caption_contexts(t5, tokenizer);
+  WanVAE vae = load_trained_vae(root);
+
+  DiTTrainer trainer(config, vae, contexts, null_context, config.seed * 1000 + 2);
+  const std::string state = (state_dir / "dit.pt").string();
+  double elapsed = 0;
+  if (options.resume && fs::exists(state)) {
+    trainer.load_state(state);
+    std::ifstream in(state_dir / "dit.elapsed");
+    if (in) in >> elapsed;
+    log_info("dit: resuming at step " + std::to_string(trainer.steps_done()));
+  }
+  {
+    const auto t0 = Clock::now();
+    ProgressBar pool_bar("encode latent pool", config.pool_size);
+    trainer.fill_pool([&](std::int64_t done, std::int64_t) {
+      if (!options.quiet_progress) pool_bar.update(done);
+    });
+    pool_bar.finish();
+    log_info("dit: latent pool of " + std::to_string(config.pool_size) + " clips encoded in " +
+             format_duration(seconds_since(t0)) + " (not counted in the training budget)");
+  }
+  const Budget budget{config.dit_steps, config.dit_minutes};
+  auto save = [&] {
+    trainer.save_state(state);
+    std::ofstream(state_dir / "dit.elapsed") << std::setprecision(17) << elapsed;
+  };
+  ProgressBar bar("train dit", budget.total());
+  const auto t0 = Clock::now();
+  const double base = elapsed;
+  auto last_save = Clock::now();
+  double avg = 0;
+  bool first = true;
+  while (!budget.done(trainer.steps_done(), elapsed)) {
+    const DiTStepResult r = trainer.step();
+    avg = first ? r.loss : 0.98 * avg + 0.02 * r.loss;  // smoothed for the progress line
+    first = false;
+    elapsed = base + seconds_since(t0);
+    if (!options.quiet_progress)
+      bar.update(budget.progress(trainer.steps_done(), elapsed), "step " + std::to_string(trainer.steps_done()) + " loss " + fmt(avg));
+    if (seconds_since(last_save) > config.checkpoint_minutes * 60) {
+      save();
+      last_save = Clock::now();
+    }
+  }
+  bar.finish();
+  save();
+  log_info("dit: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", loss " + fmt(avg));
+  write_transformer(root, trainer.ema());
+  write_pipeline_files(root, config);
+  log_info("dit: model written to " + root.string());
+}
+
+}  // namespace
+
+void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) {
+  if (options.out_dir.empty()) throw InputError("train-demo: --out is required");
+  const std::string& s = options.stage;
+  if (s != "tokenizer" && s != "vae" && s != "dit" && s != "all")
+    throw InputError("train-demo: unknown stage '" + s + "' (expected tokenizer, vae, dit or all)");
+  // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
+  // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).
+  at::globalContext().setFlushDenormal(true);
+  const fs::path root(options.out_dir);
+  fs::create_directories(root / "train-state");
+  write_text(root / "train-state" / "config.json", config.to_json().dump(2) + "\n");
+  if (s == "tokenizer" || s == "all") {
+    const std::string path = train_caption_tokenizer((root / "tokenizer").string(), config.vocab_size);
+    const auto tok = WanTokenizer::from_file(path);
+    log_info("tokenizer: " + std::to_string(tok.vocab_size()) + " pieces -> " + path);
+  }
+  if (s == "vae" || s == "all") run_vae_stage(config, options);
+  if (s == "dit" || s == "all") run_dit_stage(config, options);
+}
+
+}  // namespace vdit::demo

@@ -1,0 +1,68 @@
+// The shipped demo model (models/shapes) end to end through the CLI: `vdit generate` without
+// --model uses it, and the judge's 12-clip floor from the demo-model issue holds (>= 10 of 12
+// clips right on colour, shape and motion). Runs the real model: ~30 s on 2 CPU cores.
+// Hidden ("[.demo]", run with `vdit_tests "[.demo]"`) until a trained model is committed:
+// models/shapes is not in the repository yet (see the demo-model issue's note).
+#include <ATen/ATen.h>
+
+#include <catch2/catch.hpp>
+
+#include "vdit/io/image_io.h"
+#include "vdit/io/video_io.h"
+
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+int run_vdit(const std::string& args, std::string& out, bool merge_stderr = true) {
+  const std::string log = (fs::temp_directory_path() / ("vdit-demo-" + std::to_string(::getpid()) + ".log")).string();
+  const std::string command =
+      std::string(VDIT_BINARY) + " --threads 2 " + args + " > " + log + (merge_stderr ? " 2>&1" : " 2>/dev/null");
+  const int status = std::system(command.c_str());
+  std::ifstream in(log);
+  out.assign(std::istreambuf_iterator<char>(in), {});
+  fs::remove(log);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+}  // namespace
+
+TEST_CASE("the built-in demo model meets the 12-clip judge floor", "[.demo]") {
+  REQUIRE(fs::exists(fs::path(VDIT_SOURCE_DIR) / "models" / "shapes" / "model_index.json"));
+  std::string out;
+  REQUIRE(run_vdit("--quiet eval shapes --clips 12 --seed 1 --json", out, false) == 0);
+  INFO(out);
+  const auto j = nlohmann::json::parse(out);
+  CHECK(j["clips"] == 12);
+  const double all = j["all"].get<double>();
+  CHECK(all * 12 >= 10 - 1e-9);
+}
+
+TEST_CASE("vdit generate without --model runs the demo model and writes video, sheet and metadata", "[.demo]") {
+  const fs::path dir = fs::temp_directory_path() / ("vdit-demo-run-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::string out;
+  REQUIRE(run_vdit("generate -p 'a green square moving up' --seed 5 -o " + (dir / "demo.mp4").string() + " --sheet " +
+                       (dir / "sheet.png").string(), out) == 0);
+  INFO(out);
+  const vdit::VideoData video = vdit::read_video((dir / "demo.mp4").string());
+  CHECK(video.frames.size(1) == 9);
+  CHECK(video.frames.size(2) == 64);
+  CHECK(video.frames.size(3) == 64);
+  CHECK(video.fps == Approx(8.0));
+  const auto text = vdit::read_png_text((dir / "sheet.png").string());
+  REQUIRE(!text.empty());
+  CHECK(text[0].second.find("a green square moving up") != std::string::npos);
+  CHECK(text[0].second.find("Seed: 5") != std::string::npos);
+  fs::remove_all(dir);
+}
