@@ -798,21 +798,11 @@ at::Tensor WanVAEImpl::prepare_latent(const at::Tensor& latent) const {
 }
 
 std::pair<at::Tensor, at::Tensor> WanVAEImpl::encode_moments(const at::Tensor& video) {
-  at::Tensor x = check_video(video);
-  FeatureCache cache;
-  std::vector<at::Tensor> outs;
-  const std::int64_t frames = x.size(2);
-  for (std::int64_t start = 0; start < frames;) {
-    const std::int64_t len = start == 0 ? 1 : kEncodeChunkFrames;
-    cache.rewind();
-    outs.push_back(encoder_->forward(x.narrow(2, start, len), cache));
-    start += len;
-  }
-  at::Tensor out = conv1_->forward(at::cat(outs, 2));
+  const at::Tensor out = encode_moments_untiled(check_video(video));
   return {out.narrow(1, 0, config_.z_dim), out.narrow(1, config_.z_dim, config_.z_dim)};
 }
 
-at::Tensor WanVAEImpl::encode_mu_untiled(const at::Tensor& x) {
+at::Tensor WanVAEImpl::encode_moments_untiled(const at::Tensor& x) {
   FeatureCache cache;
   std::vector<at::Tensor> outs;
   const std::int64_t frames = x.size(2);
@@ -822,8 +812,11 @@ at::Tensor WanVAEImpl::encode_mu_untiled(const at::Tensor& x) {
     outs.push_back(encoder_->forward(x.narrow(2, start, len), cache));
     start += len;
   }
-  at::Tensor out = conv1_->forward(at::cat(outs, 2));
-  return out.narrow(1, 0, config_.z_dim).to(at::kFloat);  // (mu, log_var): keep mu
+  return conv1_->forward(at::cat(outs, 2));
+}
+
+at::Tensor WanVAEImpl::encode_mu_untiled(const at::Tensor& x) {
+  return encode_moments_untiled(x).narrow(1, 0, config_.z_dim).to(at::kFloat);  // (mu, log_var): keep mu
 }
 
 at::Tensor WanVAEImpl::encode_raw_mu(const at::Tensor& video, const VAETiling& tiling) {

@@ -95,6 +95,8 @@ class WanVAEImpl : public torch::nn::Module {
 
  private:
   at::Tensor encode_mu_untiled(const at::Tensor& video);
+  // The encoder's chunked pass and conv1: [B, 2·z_dim, F', h, w] = (mu, log_var), unnormalised.
+  at::Tensor encode_moments_untiled(const at::Tensor& x);
   at::Tensor decode_untiled(const at::Tensor& x_latent);  // x_latent: after conv2
   at::Tensor check_video(const at::Tensor& video) const;
   at::Tensor prepare_latent(const at::Tensor& latent) const;
