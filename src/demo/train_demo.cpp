@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <sstream>
 
@@ -155,6 +156,38 @@ std::string fmt(double v, int precision = 4) {
   std::ostringstream s;
   s << std::setprecision(precision) << v;
   return s.str();
+}
+
+// The training loop both stages share: steps until the budget is spent (elapsed seconds carry
+// over resumed runs), a progress line with the smoothed loss, a checkpoint every
+// checkpoint_minutes and one at the end. step() runs one step and returns its loss and any extra
+// progress text. Returns the smoothed loss.
+template <class Trainer, class Step>
+double run_budget(const std::string& name, const std::string& loss_name, const Budget& budget, Trainer& trainer,
+                  double& elapsed, double checkpoint_minutes, bool quiet, Step step,
+                  const std::function<void()>& save) {
+  ProgressBar bar("train " + name, budget.total());
+  const auto t0 = Clock::now();
+  const double base = elapsed;
+  auto last_save = Clock::now();
+  double avg = 0;
+  bool first = true;
+  while (!budget.done(trainer.steps_done(), elapsed)) {
+    const auto [loss, extra] = step();
+    avg = first ? loss : 0.98 * avg + 0.02 * loss;  // smoothed for the progress line
+    first = false;
+    elapsed = base + seconds_since(t0);
+    if (!quiet)
+      bar.update(budget.progress(trainer.steps_done(), elapsed),
+                 "step " + std::to_string(trainer.steps_done()) + " " + loss_name + " " + fmt(avg) + extra);
+    if (seconds_since(last_save) > checkpoint_minutes * 60) {
+      save();
+      last_save = Clock::now();
+    }
+  }
+  bar.finish();
+  save();
+  return avg;
 }
 
 nlohmann::json vae_config_json(const WanVAEConfig& c) {
@@ -843,27 +876,12 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     trainer.save_state(state);
     std::ofstream(state_dir / "vae.elapsed") << std::setprecision(17) << elapsed;
   };
-  ProgressBar bar("train vae", budget.total());
-  auto t0 = Clock::now();
-  const double base = elapsed;
-  auto last_save = Clock::now();
-  double avg = 0;
-  bool first = true;
-  while (!budget.done(trainer.steps_done(), elapsed)) {
-    const VAEStepResult r = trainer.step();
-    avg = first ? r.recon : 0.98 * avg + 0.02 * r.recon;  // smoothed for the progress line
-    first = false;
-    elapsed = base + seconds_since(t0);
-    if (!options.quiet_progress)
-      bar.update(budget.progress(trainer.steps_done(), elapsed),
-                 "step " + std::to_string(trainer.steps_done()) + " L1 " + fmt(avg) + " kl " + fmt(r.kl, 3));
-    if (seconds_since(last_save) > config.checkpoint_minutes * 60) {
-      save();
-      last_save = Clock::now();
-    }
-  }
-  bar.finish();
-  save();
+  const double avg = run_budget("vae", "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
+                                [&] {
+                                  const VAEStepResult r = trainer.step();
+                                  return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
+                                },
+                                save);
   log_info("vae: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
 
   // Normalise the latent: measure, fold into the 1x1x1 convolutions, write the final VAE.
@@ -911,26 +929,8 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     trainer.save_state(state);
     std::ofstream(state_dir / "dit.elapsed") << std::setprecision(17) << elapsed;
   };
-  ProgressBar bar("train dit", budget.total());
-  const auto t0 = Clock::now();
-  const double base = elapsed;
-  auto last_save = Clock::now();
-  double avg = 0;
-  bool first = true;
-  while (!budget.done(trainer.steps_done(), elapsed)) {
-    const DiTStepResult r = trainer.step();
-    avg = first ? r.loss : 0.98 * avg + 0.02 * r.loss;  // smoothed for the progress line
-    first = false;
-    elapsed = base + seconds_since(t0);
-    if (!options.quiet_progress)
-      bar.update(budget.progress(trainer.steps_done(), elapsed), "step " + std::to_string(trainer.steps_done()) + " loss " + fmt(avg));
-    if (seconds_since(last_save) > config.checkpoint_minutes * 60) {
-      save();
-      last_save = Clock::now();
-    }
-  }
-  bar.finish();
-  save();
+  const double avg = run_budget("dit", "loss", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
+                                [&] { return std::make_pair(trainer.step().loss, std::string()); }, save);
   log_info("dit: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", loss " + fmt(avg));
   write_transformer(root, trainer.ema());
   write_pipeline_files(root, config);
