@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
 
+#include "cli_runner.h"
+
 #include <nlohmann/json.hpp>
 
 #include <sys/wait.h>
@@ -13,14 +15,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-int run_capture(const std::string& args, std::string& out) {
-  const std::string log = (fs::temp_directory_path() / ("vdit-info-" + std::to_string(::getpid()) + ".log")).string();
-  const int status = std::system((std::string(VDIT_BINARY) + " " + args + " > " + log + " 2>&1").c_str());
-  std::ifstream in(log);
-  out.assign((std::istreambuf_iterator<char>(in)), {});
-  fs::remove(log);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using vdit_test::run_vdit;
 
 }  // namespace
 
@@ -45,7 +40,7 @@ TEST_CASE("vdit info describes every fixture checkpoint", "[cli][info]") {
   for (const auto& e : expected) {
     INFO(e.file);
     std::string out;
-    REQUIRE(run_capture("info --json " + dir + e.file, out) == 0);
+    REQUIRE(run_vdit("info --json " + dir + e.file, out) == 0);
     const auto j = nlohmann::json::parse(out);
     CHECK(j["component"] == e.component);
     CHECK(j["key_layout"] == e.layout);
@@ -69,6 +64,6 @@ TEST_CASE("vdit info describes every fixture checkpoint", "[cli][info]") {
   }
   // With the config the head count is known too.
   std::string out;
-  REQUIRE(run_capture("info --json " + dir + "dit/weights.safetensors --dit-config " + dir + "e2e/dit_config.json", out) == 0);
+  REQUIRE(run_vdit("info --json " + dir + "dit/weights.safetensors --dit-config " + dir + "e2e/dit_config.json", out) == 0);
   CHECK(nlohmann::json::parse(out)["config"]["num_heads"] == 2);
 }

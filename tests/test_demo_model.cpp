@@ -7,6 +7,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "cli_runner.h"
 #include "vdit/io/image_io.h"
 #include "vdit/io/video_io.h"
 
@@ -23,16 +24,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-int run_vdit(const std::string& args, std::string& out, bool merge_stderr = true) {
-  const std::string log = (fs::temp_directory_path() / ("vdit-demo-" + std::to_string(::getpid()) + ".log")).string();
-  const std::string command =
-      std::string(VDIT_BINARY) + " --threads 2 " + args + " > " + log + (merge_stderr ? " 2>&1" : " 2>/dev/null");
-  const int status = std::system(command.c_str());
-  std::ifstream in(log);
-  out.assign(std::istreambuf_iterator<char>(in), {});
-  fs::remove(log);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using vdit_test::run_vdit;
 
 }  // namespace
 

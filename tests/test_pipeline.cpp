@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include "cli_runner.h"
 #include "tiny_models.h"
 #include "vdit/common.h"
 #include "vdit/io/image_io.h"
@@ -28,18 +29,7 @@ fs::path temp_dir(const std::string& name) {
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) { return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>(); }
 
-// Runs the vdit CLI; returns its exit code and fills `output` with stdout+stderr.
-int run_vdit(const std::string& args, std::string* output = nullptr) {
-  const std::string log = (fs::temp_directory_path() / ("vdit-cli-" + std::to_string(::getpid()) + ".log")).string();
-  const std::string command = std::string(VDIT_BINARY) + " --threads 2 " + args + " > " + log + " 2>&1";
-  const int status = std::system(command.c_str());
-  if (output) {
-    std::ifstream in(log);
-    *output = std::string((std::istreambuf_iterator<char>(in)), {});
-  }
-  fs::remove(log);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using vdit_test::run_vdit;
 
 }  // namespace
 

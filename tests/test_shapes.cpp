@@ -2,6 +2,7 @@
 // LibTorch comes before Catch: glog's CHECK macro would otherwise replace Catch's.
 #include <ATen/ATen.h>
 
+#include "cli_runner.h"
 #include "vdit/common.h"
 #include "vdit/demo/shapes.h"
 #include "vdit/io/contact_sheet.h"
@@ -85,14 +86,7 @@ void require_perfect(const JudgeSummary& s) {
   CHECK(s.no_object == 0);
 }
 
-int run_vdit(const std::string& args, std::string& out) {
-  const std::string log = (fs::temp_directory_path() / ("vdit-shapes-" + std::to_string(::getpid()) + ".log")).string();
-  const int status = std::system((std::string(VDIT_BINARY) + " " + args + " > " + log + " 2>&1").c_str());
-  std::ifstream in(log);
-  out.assign((std::istreambuf_iterator<char>(in)), {});
-  fs::remove(log);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using vdit_test::run_vdit;
 
 }  // namespace
 
