@@ -37,16 +37,19 @@ std::int64_t nearest_multiple(std::int64_t v, std::int64_t m) {
 
 }  // namespace
 
-void validate_t2v_settings(const T2VSettings& s) {
-  if (s.width <= 0 || s.height <= 0 || s.width % 16 != 0 || s.height % 16 != 0) {
-    throw InputError("size " + std::to_string(s.width) + "x" + std::to_string(s.height) +
-                     " is not a multiple of 16 on both sides; nearest valid: " + std::to_string(nearest_multiple(s.width, 16)) +
-                     "x" + std::to_string(nearest_multiple(s.height, 16)));
+void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
+  const std::int64_t mw = g.size_multiple_w(), mh = g.size_multiple_h();
+  if (s.width <= 0 || s.height <= 0 || s.width % mw != 0 || s.height % mh != 0) {
+    const std::string multiple = mw == mh ? std::to_string(mw) : std::to_string(mw) + "x" + std::to_string(mh);
+    throw InputError("size " + std::to_string(s.width) + "x" + std::to_string(s.height) + " is not a multiple of " +
+                     multiple + " on both sides; nearest valid: " + std::to_string(nearest_multiple(s.width, mw)) + "x" +
+                     std::to_string(nearest_multiple(s.height, mh)));
   }
-  if (s.frames < 1 || (s.frames - 1) % 4 != 0) {
-    const std::int64_t below = s.frames < 1 ? 1 : (s.frames - 1) / 4 * 4 + 1;
-    throw InputError("--frames " + std::to_string(s.frames) + " is not 4n+1; nearest valid: " + std::to_string(below) +
-                     (s.frames > 1 ? " or " + std::to_string(below + 4) : std::string()));
+  const std::int64_t ts = g.temporal_stride;
+  if (s.frames < 1 || (s.frames - 1) % ts != 0) {
+    const std::int64_t below = s.frames < 1 ? 1 : (s.frames - 1) / ts * ts + 1;
+    throw InputError("--frames " + std::to_string(s.frames) + " is not " + std::to_string(ts) + "n+1; nearest valid: " +
+                     std::to_string(below) + (s.frames > 1 ? " or " + std::to_string(below + ts) : std::string()));
   }
   if (s.steps < 1 && s.sigmas.empty()) throw InputError("--steps must be at least 1");
   if (s.shift && !(*s.shift > 0)) throw InputError("--shift must be positive");
@@ -54,7 +57,7 @@ void validate_t2v_settings(const T2VSettings& s) {
   if (s.sampler != "unipc" && s.sampler != "dpm++" && s.sampler != "euler")
     throw InputError("unknown sampler '" + s.sampler + "' (expected unipc, dpm++ or euler)");
   if (s.noise.defined()) {
-    auto expected = t2v_latent_shape(s);
+    auto expected = t2v_latent_shape(s, g);
     if (s.noise.sizes().vec() != expected) {
       std::ostringstream msg;
       msg << "--noise tensor has shape " << s.noise.sizes() << " but this size needs " << at::IntArrayRef(expected);
@@ -63,8 +66,35 @@ void validate_t2v_settings(const T2VSettings& s) {
   }
 }
 
-std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& s) {
-  return {16, (s.frames - 1) / 4 + 1, s.height / 8, s.width / 8};
+std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& s, const LatentGeometry& g) {
+  return {g.channels, (s.frames - 1) / g.temporal_stride + 1, s.height / g.spatial_stride, s.width / g.spatial_stride};
+}
+
+const LatentGeometry& WanT2VPipeline::latent_geometry() {
+  if (geometry_) return *geometry_;
+  LatentGeometry g;
+  {
+    auto vae_weights = WeightFile::open(files_.vae);
+    const WanVAEConfig vc = WanVAEConfig::infer_from_weights(*vae_weights);
+    g.channels = vc.z_dim;
+    g.temporal_stride = vc.temporal_stride();
+    g.spatial_stride = vc.spatial_stride();
+  }
+  WanDiTConfig dc;
+  if (!files_.dit_config.empty()) {
+    dc = WanDiTConfig::from_file(files_.dit_config);
+  } else {
+    std::vector<std::shared_ptr<WeightFile>> weights;
+    for (const auto& path : files_.dit) weights.push_back(WeightFile::open(path));
+    dc = WanDiTConfig::infer_from_weights(weights);
+  }
+  g.patch_h = dc.patch_size[1];
+  g.patch_w = dc.patch_size[2];
+  if (dc.in_dim != g.channels)
+    throw InputError("the DiT takes " + std::to_string(dc.in_dim) + " latent channels but the VAE makes " +
+                     std::to_string(g.channels));
+  geometry_ = g;
+  return *geometry_;
 }
 
 at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t seed) {
@@ -170,7 +200,7 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
     if (settings.batch_guidance) both = WanTextCondition::cat({cond, uncond});
   }
 
-  at::Tensor x = noise.to(options_.device, at::kFloat).unsqueeze(0);  // [1, 16, F', h, w]
+  at::Tensor x = noise.to(options_.device, at::kFloat).unsqueeze(0);  // [1, C, F', h, w]
   const int total = sampler->num_steps();
   for (int i = sampler->begin_index(); i < total; ++i) {
     const auto t = at::full({1}, static_cast<double>(sampler->timesteps()[i]), x.options());
@@ -203,7 +233,8 @@ at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
 }
 
 T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
-  validate_t2v_settings(settings);
+  const LatentGeometry& geometry = latent_geometry();
+  validate_t2v_settings(settings, geometry);
   times_ = StageTimes{};
   const std::string negative = settings.negative_prompt.value_or(kWanDefaultNegativePrompt);
   std::vector<std::string> prompts{settings.prompt};
@@ -211,7 +242,7 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
   if (guided) prompts.push_back(negative);
   auto contexts = encode_prompts(prompts);
 
-  at::Tensor noise = settings.noise.defined() ? settings.noise.to(at::kFloat) : seeded_noise(t2v_latent_shape(settings), settings.seed);
+  at::Tensor noise = settings.noise.defined() ? settings.noise.to(at::kFloat) : seeded_noise(t2v_latent_shape(settings, geometry), settings.seed);
   T2VResult result;
   result.latents = denoise(noise, contexts[0], guided ? contexts[1] : contexts[0], settings, on_step);
   release_dit();

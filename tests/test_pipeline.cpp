@@ -98,6 +98,34 @@ TEST_CASE("invalid sizes, frame counts and samplers are rejected with suggestion
   CHECK_NOTHROW(validate_t2v_settings(s));
 }
 
+TEST_CASE("size rules and latent shape follow the model's latent geometry", "[pipeline]") {
+  T2VSettings s;
+  s.width = 72;
+  s.height = 64;
+  s.frames = 9;
+  // Wan2.1: 8x VAE and 2x2 patches -> multiples of 16, latent H/8 x W/8.
+  CHECK_THROWS_WITH(validate_t2v_settings(s), Catch::Contains("multiple of 16") && Catch::Contains("nearest valid: 80x64"));
+  // The demo model's geometry: 4x VAE, 2x2 patches -> multiples of 8, latent H/4 x W/4.
+  LatentGeometry demo;
+  demo.spatial_stride = 4;
+  CHECK_NOTHROW(validate_t2v_settings(s, demo));
+  CHECK(t2v_latent_shape(s, demo) == std::vector<std::int64_t>{16, 3, 16, 18});
+  CHECK(t2v_latent_shape(s) == std::vector<std::int64_t>{16, 3, 8, 9});
+  s.width = 68;
+  CHECK_THROWS_WITH(validate_t2v_settings(s, demo), Catch::Contains("multiple of 8") && Catch::Contains("72x64"));
+  // Another temporal stride changes the frame rule and its suggestion.
+  LatentGeometry t2;
+  t2.temporal_stride = 2;
+  s.width = 64;
+  s.frames = 8;
+  CHECK_THROWS_WITH(validate_t2v_settings(s, t2), Catch::Contains("2n+1") && Catch::Contains("7 or 9"));
+  s.frames = 7;
+  CHECK(t2v_latent_shape(s, t2) == std::vector<std::int64_t>{16, 4, 8, 8});
+  s.noise = at::zeros({16, 4, 8, 8});
+  CHECK_NOTHROW(validate_t2v_settings(s, t2));
+  CHECK_THROWS_WITH(validate_t2v_settings(s), Catch::Contains("--noise") || Catch::Contains("4n+1"));
+}
+
 TEST_CASE("vdit generate runs a tiny checkpoint in each layout and writes MP4 and PNG with metadata", "[pipeline][cli]") {
   const fs::path root = temp_dir("layouts");
   for (const std::string layout : {"original", "diffusers", "comfyui"}) {

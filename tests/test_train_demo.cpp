@@ -81,9 +81,13 @@ bool same_parameters(torch::nn::Module& a, torch::nn::Module& b) {
 TEST_CASE("train-demo: configs/shapes-demo.json is the built-in default", "[train]") {
   const auto file = DemoTrainConfig::from_file(std::string(VDIT_SOURCE_DIR) + "/configs/shapes-demo.json");
   CHECK(file.to_json() == DemoTrainConfig::from_json(nlohmann::json::object()).to_json());
-  // Clips of 64x64x9 make [16, 3, 8, 8] latents and 192 DiT tokens with patch 1x1x1.
+  // Clips of 64x64x9 make [16, 3, 16, 16] latents (4x spatial VAE) and 192 DiT tokens with
+  // Wan's 1x2x2 patches.
   CHECK(file.width == 64);
   CHECK(file.frames == 9);
+  CHECK(file.vae.spatial_stride() == 4);
+  CHECK(file.vae.temporal_stride() == 4);
+  CHECK(file.dit.patch_size == std::array<std::int64_t, 3>{1, 2, 2});
   CHECK(file.dit.text_dim == file.text_encoder.dim);
 }
 
@@ -126,6 +130,24 @@ TEST_CASE("train-demo: VAE training lowers the reconstruction error and resumes 
   CHECK(resumed.steps_done() == 4);
   CHECK(same_parameters(*straight.vae(), *resumed.vae()));
   fs::remove_all(dir);
+}
+
+TEST_CASE("train-demo: the VAE round-trip judge scores the requested clips and starts the log-variance low", "[train]") {
+  DemoTrainConfig c = micro_config();
+  c.vae_logvar_init = -6.0;
+  VAETrainer trainer(c, 3);
+  {
+    torch::NoGradGuard no_grad;
+    const at::Tensor bias = trainer.vae()->named_parameters()["conv1.bias"];
+    CHECK(at::equal(bias.narrow(0, c.vae.z_dim, c.vae.z_dim), at::full({c.vae.z_dim}, -6.0)));
+  }
+  const shapes::JudgeSummary a = judge_round_trip(trainer.vae(), c, 5, 11);
+  const shapes::JudgeSummary b = judge_round_trip(trainer.vae(), c, 5, 11);
+  CHECK(a.clips == 5);
+  // Same seed, same clips, same verdicts.
+  CHECK(a.colour_right == b.colour_right);
+  CHECK(a.confusion == b.confusion);
+  CHECK(a.all_right <= a.colour_right);
 }
 
 TEST_CASE("train-demo: folding the latent statistics normalises the latent and keeps decoding", "[train]") {

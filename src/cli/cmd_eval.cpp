@@ -125,7 +125,6 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   settings.sampler = o.sampler;
   if (o.shift != 0) settings.shift = o.shift;
   settings.guidance = o.guidance;
-  if (!o.render_only) validate_t2v_settings(settings);
 
   // Contact sheets: the directory is created, and every file name checked, up front, so a run of
   // a hundred clips does not fail at the first sheet.
@@ -153,6 +152,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     check_compute_dtype(options.dtype, options.device);
     install_interrupt_cleanup();
     pipeline.emplace(files, options);
+    validate_t2v_settings(settings, pipeline->latent_geometry());
     // Every distinct caption (at most 90) and the negative prompt are encoded once, before the
     // DiT is loaded; the text encoder is released after.
     std::set<std::string> unique;
@@ -185,7 +185,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     } else {
       // DiT and VAE stay loaded together for the whole run: the demo model is small, and a
       // verdict per clip as it is made beats holding every latent until the DiT is released.
-      const at::Tensor noise = seeded_noise(t2v_latent_shape(settings), clip_seed);
+      const at::Tensor noise = seeded_noise(t2v_latent_shape(settings, pipeline->latent_geometry()), clip_seed);
       const at::Tensor latent = pipeline->denoise(noise, contexts.at(truth.text()), guided ? null_context : contexts.at(truth.text()), settings);
       video = pipeline->decode(latent);
     }

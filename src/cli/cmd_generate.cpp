@@ -103,7 +103,7 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (1: off)")->capture_default_str();
   cmd->add_option("-s,--seed", o->seed, "Seed of the initial noise")->capture_default_str();
   cmd->add_option("--sigmas", o->sigmas, "Custom sigma list, comma separated (overrides --steps/--shift)");
-  cmd->add_option("--noise", o->noise_file, "safetensors file with tensor 'noise' [16,F',H/8,W/8] replacing the seeded noise");
+  cmd->add_option("--noise", o->noise_file, "safetensors file with tensor 'noise' of the latent shape ([16,F',H/8,W/8] for Wan2.1) replacing the seeded noise");
   cmd->add_option("--save-latents", o->save_latents, "Write the final latent (tensor 'latents') to this safetensors file");
   cmd->add_option("-o,--output", o->output, "Output file (default vdit-output.mp4, or .png for one frame)");
   cmd->add_option("--format", o->format, "mp4 | webm | gif | webp | png (png with several frames: a directory of frame_00001.png ...)");
@@ -145,13 +145,6 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     settings.seed = static_cast<std::uint64_t>(o->seed);
     if (!o->sigmas.empty()) settings.sigmas = parse_sigmas(o->sigmas);
     settings.batch_guidance = !o->no_batch_cfg;
-    validate_t2v_settings(settings);
-    if (!o->noise_file.empty()) {
-      auto file = SafetensorsFile::open(o->noise_file);
-      if (!file->find("noise")) throw InputError(o->noise_file + ": no tensor named 'noise'");
-      settings.noise = file->tensor("noise").to(at::kFloat).clone();
-      validate_t2v_settings(settings);
-    }
 
     std::string output = o->output;
     if (output.empty()) output = settings.frames == 1 ? "vdit-output.png" : "vdit-output.mp4";
@@ -182,9 +175,18 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
       options.vae_tiling.tile_px = o->vae_tile;
       options.vae_tiling.overlap_px = o->vae_tile_overlap;
     }
+    // The size rules depend on the model (VAE strides, DiT patch), read from its configs; no
+    // weights are loaded before the settings pass.
+    WanT2VPipeline pipeline(files, options);
+    validate_t2v_settings(settings, pipeline.latent_geometry());
+    if (!o->noise_file.empty()) {
+      auto file = SafetensorsFile::open(o->noise_file);
+      if (!file->find("noise")) throw InputError(o->noise_file + ": no tensor named 'noise'");
+      settings.noise = file->tensor("noise").to(at::kFloat).clone();
+      validate_t2v_settings(settings, pipeline.latent_geometry());
+    }
     install_interrupt_cleanup();
 
-    WanT2VPipeline pipeline(files, options);
     log_info("vdit: " + std::to_string(settings.width) + "x" + std::to_string(settings.height) + ", " +
              std::to_string(settings.frames) + " frames, " + settings.sampler + ", model " + (model_dir.empty() ? files.dit.front() : model_dir));
     std::unique_ptr<ProgressBar> bar;

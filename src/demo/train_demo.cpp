@@ -254,10 +254,12 @@ UMT5Config DemoTrainConfig::default_text_encoder() {
 }
 
 WanVAEConfig DemoTrainConfig::default_vae() {
-  WanVAEConfig c;  // z_dim 16, Wan's temporal downsampling and published latent statistics
-  c.dim = 8;
+  WanVAEConfig c;  // z_dim 16 and Wan's published latent statistics
+  // Two downsampling stages (4x spatial, 4x temporal); see the README's demo-model section.
+  c.dim = 16;
   c.num_res_blocks = 1;
-  c.dim_mult = {1, 2, 4, 4};
+  c.dim_mult = {1, 2, 4};
+  c.temporal_downsample = {true, true};
   c.attn_scales = {};
   return c;
 }
@@ -269,7 +271,7 @@ WanDiTConfig DemoTrainConfig::default_dit() {
   c.freq_dim = 64;
   c.num_heads = 4;
   c.num_layers = 4;
-  c.patch_size = {1, 1, 1};
+  c.patch_size = {1, 2, 2};
   c.text_dim = 64;
   c.text_len = 16;
   return c;
@@ -321,6 +323,10 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("vae_steps", c.vae_steps);
   get("vae_minutes", c.vae_minutes);
   get("vae_stats_clips", c.vae_stats_clips);
+  get("vae_logvar_init", c.vae_logvar_init);
+  get("vae_edge_margin", c.vae_edge_margin);
+  get("vae_validate_every", c.vae_validate_every);
+  get("vae_validate_clips", c.vae_validate_clips);
   get("dit_batch", c.dit_batch);
   get("dit_lr", c.dit_lr);
   get("dit_warmup", c.dit_warmup);
@@ -378,6 +384,10 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["vae_steps"] = vae_steps;
   j["vae_minutes"] = vae_minutes;
   j["vae_stats_clips"] = vae_stats_clips;
+  j["vae_logvar_init"] = vae_logvar_init;
+  j["vae_edge_margin"] = vae_edge_margin;
+  j["vae_validate_every"] = vae_validate_every;
+  j["vae_validate_clips"] = vae_validate_clips;
   j["dit_batch"] = dit_batch;
   j["dit_lr"] = dit_lr;
   j["dit_warmup"] = dit_warmup;
@@ -476,11 +486,17 @@ VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed)
   torch::manual_seed(seed);
   vae_ = WanVAE(unnormalised(config.vae));
   vae_->train();
+  {
+    torch::NoGradGuard no_grad;
+    const std::int64_t z = config.vae.z_dim;
+    vae_->named_parameters()["conv1.bias"].narrow(0, z, z).fill_(config.vae_logvar_init);
+  }
   optimizer_ = std::make_unique<torch::optim::AdamW>(
       vae_->parameters(), torch::optim::AdamWOptions(config.vae_lr).betas({0.9, 0.99}).weight_decay(0.0));
 }
 
-VAEStepResult VAETrainer::step() {
+VAEStepResult VAETrainer::step(double lr_scale) {
+  set_lr(*optimizer_, config_.vae_lr * lr_scale);
   auto batch = shapes::random_batch(config_.vae_batch, config_.frames, config_.width, config_.height, data_rng_);
   const at::Tensor video = batch.video;
   auto [mu, logvar] = vae_->encode_moments(video);
@@ -490,9 +506,17 @@ VAEStepResult VAETrainer::step() {
   const at::Tensor recon = vae_->decode_unclamped(z);
   // The object covers ~2 % of the frame: plain L1 is dominated by the flat background and
   // settles on a dim, smeared object (measured: a fixed 8x foreground weight plateaued at a
-  // reconstruction that lost most colours). The object's pixels and the background's are
+  // reconstruction that lost most colours). The object's region and the background's are
   // therefore averaged separately, and the object's mean counts vae_foreground_weight times.
-  const at::Tensor fg = ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat).expand_as(video);
+  // The object's region is its mask dilated by vae_edge_margin pixels: with the bare mask, a
+  // blurred halo around the object lands in the background's mean, where each pixel weighs ~50x
+  // less, and the VAE learned round blobs (measured: shape judged at chance after 1200 steps).
+  at::Tensor fg = ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat);
+  if (config_.vae_edge_margin > 0) {
+    const std::int64_t k = 2 * config_.vae_edge_margin + 1;
+    fg = at::max_pool3d(fg, {1, k, k}, {1, 1, 1}, {0, config_.vae_edge_margin, config_.vae_edge_margin});
+  }
+  fg = fg.expand_as(video);
   const at::Tensor err = (recon - video).abs();
   const at::Tensor fg_loss = (err * fg).sum() / fg.sum().clamp_min(1.0);
   const at::Tensor bg_loss = (err * (1.0 - fg)).sum() / (1.0 - fg).sum().clamp_min(1.0);
@@ -531,6 +555,21 @@ void VAETrainer::load_state(const std::string& path) {
   optimizer_->load(optim);
   step_ = read_int(ar, "step");
   read_rng(ar, data_rng_, noise_gen_);
+}
+
+shapes::JudgeSummary judge_round_trip(WanVAE& vae, const DemoTrainConfig& config, std::int64_t clips, std::uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  std::mt19937_64 rng(seed);
+  shapes::JudgeSummary summary;
+  for (std::int64_t done = 0; done < clips;) {
+    const std::int64_t n = std::min<std::int64_t>(8, clips - done);
+    auto batch = shapes::random_batch(n, config.frames, config.width, config.height, rng);
+    const at::Tensor mu = vae->encode_moments(batch.video).first;
+    const at::Tensor decoded = vae->decode_unclamped(mu).clamp(-1.0, 1.0);
+    for (std::int64_t i = 0; i < n; ++i) summary.add(batch.captions[i], shapes::judge_clip(decoded[i]));
+    done += n;
+  }
+  return summary;
 }
 
 std::pair<std::vector<float>, std::vector<float>> measure_latent_stats(WanVAE& vae, const DemoTrainConfig& config,
@@ -859,6 +898,18 @@ void save_diffusers_model(const std::string& dir, const DemoTrainConfig& config,
 
 namespace {
 
+std::string round_trip_line(WanVAE& vae, const DemoTrainConfig& config) {
+  // Fixed seed: every check scores the same clips, so the numbers are comparable across steps.
+  const shapes::JudgeSummary s = judge_round_trip(vae, config, config.vae_validate_clips, config.seed * 1000 + 9);
+  auto pct = [&](int right) {
+    std::ostringstream o;
+    o << std::fixed << std::setprecision(0) << 100.0 * s.accuracy(right) << "%";
+    return o.str();
+  };
+  return "colour " + pct(s.colour_right) + " shape " + pct(s.shape_right) + " motion " + pct(s.motion_right) + " all " +
+         pct(s.all_right) + " (" + std::to_string(s.clips) + " clips, " + std::to_string(s.no_object) + " without object)";
+}
+
 void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& options) {
   const fs::path root(options.out_dir), state_dir = root / "train-state";
   const std::string state = (state_dir / "vae.pt").string();
@@ -878,11 +929,21 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
   };
   const double avg = run_budget("vae", "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
                                 [&] {
-                                  const VAEStepResult r = trainer.step();
+                                  // Warm-up over 100 steps, then a cosine from vae_lr to a tenth of it over the
+                                  // budget (steps or minutes): the last steps refine instead of jittering.
+                                  const double done = static_cast<double>(budget.progress(trainer.steps_done(), elapsed)) /
+                                                      static_cast<double>(std::max<std::int64_t>(1, budget.total()));
+                                  const double warm = std::min(1.0, (trainer.steps_done() + 1) / 100.0);
+                                  const double cosine = 0.1 + 0.45 * (1.0 + std::cos(M_PI * std::min(1.0, done)));
+                                  const VAEStepResult r = trainer.step(warm * cosine);
+                                  if (config.vae_validate_every > 0 && trainer.steps_done() % config.vae_validate_every == 0)
+                                    log_info("vae: step " + std::to_string(trainer.steps_done()) + " round trip " +
+                                             round_trip_line(trainer.vae(), config));
                                   return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
                                 },
                                 save);
   log_info("vae: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
+  log_info("vae: final round trip " + round_trip_line(trainer.vae(), config));
 
   // Normalise the latent: measure, fold into the 1x1x1 convolutions, write the final VAE.
   WanVAEConfig final_config = config.vae;  // published latent statistics

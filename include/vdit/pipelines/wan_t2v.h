@@ -33,14 +33,28 @@ struct T2VSettings {
   double guidance = 5.0;
   std::uint64_t seed = 0;
   std::vector<double> sigmas;     // custom schedule; empty: the sampler's own
-  at::Tensor noise;               // optional [16, F', H/8, W/8] replacing the seeded noise
+  at::Tensor noise;               // optional latent-shaped tensor replacing the seeded noise
   bool batch_guidance = true;     // cond and uncond in one forward of batch 2
 };
 
+// How pixels map to the DiT's latent grid: the VAE's latent channels and strides and the DiT's
+// spatial patch. The defaults are every released Wan2.1 model's (16 channels, 4x temporal and 8x
+// spatial compression, 1x2x2 patches); the built-in demo model uses a 4x spatial VAE.
+struct LatentGeometry {
+  std::int64_t channels = 16;
+  std::int64_t temporal_stride = 4;
+  std::int64_t spatial_stride = 8;
+  std::int64_t patch_h = 2, patch_w = 2;
+  // Sizes must be multiples of spatial_stride * patch (16 for Wan2.1) on each side.
+  std::int64_t size_multiple_h() const { return spatial_stride * patch_h; }
+  std::int64_t size_multiple_w() const { return spatial_stride * patch_w; }
+};
+
 // Throws InputError, before any model is loaded, for sizes the model cannot take, suggesting
-// the nearest valid values (multiples of 16, 4n+1 frames).
-void validate_t2v_settings(const T2VSettings& settings);
-std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& settings);  // {16, F', H/8, W/8}
+// the nearest valid values (multiples of 16 and 4n+1 frames for Wan2.1).
+void validate_t2v_settings(const T2VSettings& settings, const LatentGeometry& geometry = LatentGeometry{});
+// {channels, (F - 1) / temporal_stride + 1, H / spatial_stride, W / spatial_stride}
+std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& settings, const LatentGeometry& geometry = LatentGeometry{});
 // Seeded standard-normal noise drawn on the CPU with LibTorch's generator (equal to torch.randn
 // with torch.Generator("cpu").manual_seed(seed)), so a seed means the same noise on every device.
 at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t seed);
@@ -57,7 +71,7 @@ struct StageTimes {
 };
 
 struct T2VResult {
-  at::Tensor latents;  // [16, F', H/8, W/8] f32, CPU
+  at::Tensor latents;  // t2v_latent_shape(settings, latent_geometry()) f32, CPU
   at::Tensor video;    // [3, F, H, W] in [-1, 1], f32, CPU
   StageTimes times;
   std::map<std::string, std::string> metadata;  // settings to store with the output
@@ -76,7 +90,7 @@ class WanT2VPipeline {
   // the DiT if needed. Returns the final latent.
   at::Tensor denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
                      const T2VSettings& settings, const StepCallback& on_step = {});
-  // Latent [16, F', h, w] -> video [3, F, H, W] in [-1, 1]; loads the VAE if needed.
+  // Latent [C, F', h, w] -> video [3, F, H, W] in [-1, 1]; loads the VAE if needed.
   at::Tensor decode(const at::Tensor& latent);
   // The whole run. Stage times are filled in.
   T2VResult generate(const T2VSettings& settings, const StepCallback& on_step = {});
@@ -87,6 +101,8 @@ class WanT2VPipeline {
   std::unique_ptr<FlowSampler> make_sampler_for(const T2VSettings& settings) const;
 
   const WanModelFiles& files() const { return files_; }
+  // Read from the model's VAE and DiT configs (weights are not loaded). Computed once.
+  const LatentGeometry& latent_geometry();
 
  private:
   void load_dit();
@@ -97,6 +113,7 @@ class WanT2VPipeline {
   std::optional<SamplerConfig> scheduler_config_;
   std::shared_ptr<WanDiTImpl> dit_;
   std::optional<WanVAE> vae_;
+  std::optional<LatentGeometry> geometry_;
   StageTimes times_;
 };
 
