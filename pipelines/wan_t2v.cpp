@@ -35,6 +35,17 @@ std::int64_t nearest_multiple(std::int64_t v, std::int64_t m) {
   return r < m ? m : r;
 }
 
+std::vector<std::shared_ptr<WeightFile>> open_weights(const std::vector<std::string>& paths) {
+  std::vector<std::shared_ptr<WeightFile>> out;
+  for (const auto& path : paths) out.push_back(WeightFile::open(path));
+  return out;
+}
+
+// The model's config.json when it has one, else inferred from the (opened) weights.
+WanDiTConfig dit_config_for(const WanModelFiles& files, const std::vector<std::shared_ptr<WeightFile>>& weights) {
+  return files.dit_config.empty() ? WanDiTConfig::infer_from_weights(weights) : WanDiTConfig::from_file(files.dit_config);
+}
+
 }  // namespace
 
 void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
@@ -80,14 +91,8 @@ const LatentGeometry& WanT2VPipeline::latent_geometry() {
     g.temporal_stride = vc.temporal_stride();
     g.spatial_stride = vc.spatial_stride();
   }
-  WanDiTConfig dc;
-  if (!files_.dit_config.empty()) {
-    dc = WanDiTConfig::from_file(files_.dit_config);
-  } else {
-    std::vector<std::shared_ptr<WeightFile>> weights;
-    for (const auto& path : files_.dit) weights.push_back(WeightFile::open(path));
-    dc = WanDiTConfig::infer_from_weights(weights);
-  }
+  const WanDiTConfig dc = dit_config_for(files_, files_.dit_config.empty() ? open_weights(files_.dit)
+                                                                           : std::vector<std::shared_ptr<WeightFile>>{});
   g.patch_h = dc.patch_size[1];
   g.patch_w = dc.patch_size[2];
   if (dc.in_dim != g.channels)
@@ -147,10 +152,8 @@ std::vector<at::Tensor> WanT2VPipeline::encode_prompts(const std::vector<std::st
 void WanT2VPipeline::load_dit() {
   if (dit_) return;
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::shared_ptr<WeightFile>> weights;
-  for (const auto& path : files_.dit) weights.push_back(WeightFile::open(path));
-  WanDiTConfig config = files_.dit_config.empty() ? WanDiTConfig::infer_from_weights(weights)
-                                                  : WanDiTConfig::from_file(files_.dit_config);
+  const std::vector<std::shared_ptr<WeightFile>> weights = open_weights(files_.dit);
+  const WanDiTConfig config = dit_config_for(files_, weights);
   log_verbose("loading DiT " + files_.dit.front());
   WanDiT model(config);
   model->to(options_.device);
