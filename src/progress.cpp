@@ -22,8 +22,11 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
-ProgressBar::ProgressBar(std::string label, std::int64_t total)
-    : label_(std::move(label)), total_(total < 1 ? 1 : total), tty_(::isatty(STDERR_FILENO) != 0) {
+ProgressBar::ProgressBar(std::string label, std::int64_t total, std::int64_t already_done)
+    : label_(std::move(label)),
+      total_(total < 1 ? 1 : total),
+      already_done_(already_done < 0 ? 0 : already_done),
+      tty_(::isatty(STDERR_FILENO) != 0) {
   start_ = std::chrono::steady_clock::now();
   last_plain_ = start_ - std::chrono::hours(1);
 }
@@ -40,7 +43,8 @@ void ProgressBar::update(std::int64_t done, const std::string& note) {
   done_ = done;
   if (log_level() == LogLevel::Quiet) return;
   const double elapsed = elapsed_seconds();
-  const double rate = done > 0 ? elapsed / static_cast<double>(done) : 0.0;
+  const std::int64_t seen = done - already_done_;
+  const double rate = seen > 0 ? elapsed / static_cast<double>(seen) : 0.0;
   const double eta = rate * static_cast<double>(total_ - done);
   std::ostringstream line;
   if (tty_) {
@@ -48,8 +52,8 @@ void ProgressBar::update(std::int64_t done, const std::string& note) {
     const int filled = static_cast<int>(width * done / total_);
     line << "\r" << label_ << " [" << std::string(filled, '#') << std::string(width - filled, '.') << "] " << done << "/"
          << total_ << "  " << format_duration(elapsed);
-    if (done > 0 && done < total_) line << " ETA " << format_duration(eta);
-    if (done > 0) line << "  " << format_duration(rate) << "/it";
+    if (seen > 0 && done < total_) line << " ETA " << format_duration(eta);
+    if (seen > 0) line << "  " << format_duration(rate) << "/it";
     if (!note.empty()) line << "  " << note;
     line << "\033[K";
     std::cerr << line.str() << std::flush;
@@ -59,7 +63,7 @@ void ProgressBar::update(std::int64_t done, const std::string& note) {
   if (done < total_ && now - last_plain_ < std::chrono::seconds(5) && done != 1) return;
   last_plain_ = now;
   line << label_ << ": " << done << "/" << total_ << " elapsed " << format_duration(elapsed);
-  if (done > 0 && done < total_) line << " ETA " << format_duration(eta);
+  if (seen > 0 && done < total_) line << " ETA " << format_duration(eta);
   if (!note.empty()) line << " " << note;
   std::cerr << line.str() << std::endl;
 }

@@ -200,18 +200,7 @@ TEST_CASE("render_clip: exact background, exact colour inside, anti-aliased edge
   CHECK_THROWS_AS(render_clip(c, l, 0, 64, 64), InputError);
 }
 
-TEST_CASE("render_clip is fast and random_batch matches it", "[shapes]") {
-  std::mt19937_64 rng(3);
-  const Caption c{Colour::Blue, Shape::Circle, Motion::Down};
-  const ClipLayout l = random_layout(c, 64, 64, rng);
-  render_clip(c, l, 9, 64, 64);  // warm-up (allocator)
-  const int n = 200;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < n; ++i) render_clip(c, l, 9, 64, 64);
-  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / n;
-  WARN("render_clip 64x64x9: " << ms << " ms");
-  CHECK(ms < 5.0);
-
+TEST_CASE("random_batch matches render_clip, and stratifies colours on request", "[shapes]") {
   std::mt19937_64 a(11), b(11);
   const ClipBatch batch = random_batch(6, 9, 64, 48, a);
   REQUIRE(batch.video.sizes() == at::IntArrayRef({6, 3, 9, 48, 64}));
@@ -221,6 +210,17 @@ TEST_CASE("render_clip is fast and random_batch matches it", "[shapes]") {
     const ClipLayout layout = random_layout(expected, 64, 48, b);
     CHECK(batch.captions[i] == expected);
     CHECK(at::equal(batch.video[i], render_clip(expected, layout, 9, 64, 48)));
+  }
+
+  // Stratified: colours cycle from first_colour, everything else is drawn as before.
+  std::mt19937_64 c(12), d(12);
+  const ClipBatch strat = random_batch(8, 9, 64, 64, c, 4);
+  for (int i = 0; i < 8; ++i) {
+    Caption expected = random_caption(d);
+    expected.colour = static_cast<Colour>((4 + i) % kColours);
+    const ClipLayout layout = random_layout(expected, 64, 64, d);
+    CHECK(strat.captions[i] == expected);
+    CHECK(at::equal(strat.video[i], render_clip(expected, layout, 9, 64, 64)));
   }
 }
 

@@ -1,6 +1,7 @@
 // The demo-model trainer on micro configs: the losses fall, resumed training is bit-exact, the
 // latent-statistics fold leaves the decoder's view unchanged, and the saved directory loads and
 // generates through the normal pipeline.
+#include "vdit/common.h"
 #include "vdit/demo/shapes.h"
 #include "vdit/demo/train_demo.h"
 #include "vdit/io/checkpoint.h"
@@ -304,4 +305,62 @@ TEST_CASE("train-demo: step timings of the shipped config", "[.train-bench]") {
     const double fill = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     WARN("pool of 256 clips encoded in " << fill << " s");
   }
+}
+
+TEST_CASE("train-demo: the VAE reconstruction loss is zero on a perfect round trip and weighs each term as documented",
+          "[train]") {
+  DemoTrainConfig c = micro_config();
+  c.vae_edge_margin = 0;
+  c.vae_foreground_weight = 1.0;
+  c.vae_object_mse_weight = 2.0;
+  c.vae_colour_weight = 4.0;
+  std::mt19937_64 rng(21);
+  const shapes::ClipBatch batch = shapes::random_batch(2, 5, 32, 32, rng);
+  CHECK(vae_reconstruction_loss(batch.video, batch.video, c).item<double>() == 0.0);
+  // Shift the red channel by d on the object's pixels only: the object-region term is
+  // (d + 2 d^2) / 3 (one channel of three), the background's 0, the mean-colour term d / 3.
+  const double d = 0.1;
+  const at::Tensor object =
+      ((batch.video - at::tensor({0.08f, 0.08f, 0.10f}).view({1, 3, 1, 1, 1}) * 2 + 1).abs().amax(1, true) > 0.1)
+          .to(at::kFloat);
+  at::Tensor shifted = batch.video.clone();
+  shifted.narrow(1, 0, 1).add_(object * d);
+  const double expected = (d + 2 * d * d) / 3 + 4 * d / 3;
+  CHECK(vae_reconstruction_loss(shifted, batch.video, c).item<double>() == Approx(expected).epsilon(1e-5));
+  c.vae_colour_weight = 0;
+  c.vae_object_mse_weight = 0;
+  CHECK(vae_reconstruction_loss(shifted, batch.video, c).item<double>() == Approx(d / 3).epsilon(1e-5));
+}
+
+TEST_CASE("train-demo: the VAE training window keeps the first frames and the whole object", "[train]") {
+  DemoTrainConfig c = DemoTrainConfig::from_json(nlohmann::json::object());
+  REQUIRE(c.vae_frames == 5);
+  REQUIRE(c.vae_crop == 32);
+  std::mt19937_64 data(4), jitter(5);
+  const shapes::ClipBatch batch = shapes::random_batch(16, 9, 64, 64, data);
+  const at::Tensor window = vae_training_window(batch.video, c, jitter);
+  REQUIRE(window.sizes() == at::IntArrayRef({16, 3, 5, 32, 32}));
+  auto object_pixels = [](const at::Tensor& frame) {  // [3, H, W] -> pixels off the background
+    const at::Tensor bg = at::tensor({0.08f, 0.08f, 0.10f}).view({3, 1, 1}) * 2 - 1;
+    return ((frame - bg).abs().amax(0) > 0.1).sum().item<std::int64_t>();
+  };
+  for (std::int64_t b = 0; b < 16; ++b) {
+    const std::int64_t full = object_pixels(batch.video[b].select(1, 2));
+    CHECK(full > 0);
+    CHECK(object_pixels(window[b].select(1, 2)) == full);  // the middle kept frame holds all of it
+  }
+  // The window is a crop: its frame 0 appears verbatim in the clip's frame 0.
+  const at::Tensor f0 = window[0].select(1, 0);
+  bool found = false;
+  for (std::int64_t y = 0; y <= 32 && !found; ++y)
+    for (std::int64_t x = 0; x <= 32 && !found; ++x)
+      found = at::equal(batch.video[0].select(1, 0).narrow(1, y, 32).narrow(2, x, 32), f0);
+  CHECK(found);
+  // 0 and 0: the clip unchanged.
+  c.vae_frames = 0;
+  c.vae_crop = 0;
+  CHECK(at::equal(vae_training_window(batch.video, c, jitter), batch.video));
+  // Bad values are refused when the config is read.
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_frames", 4}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_crop", 40}}), vdit::InputError);
 }

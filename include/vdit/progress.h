@@ -10,7 +10,9 @@ namespace vdit {
 
 class ProgressBar {
  public:
-  ProgressBar(std::string label, std::int64_t total);
+  // `already_done`: units finished before this bar started (a resumed run); the rate and ETA
+  // count only what this bar sees.
+  ProgressBar(std::string label, std::int64_t total, std::int64_t already_done = 0);
   ~ProgressBar();
   // Marks `done` units complete, with an optional note (e.g. "loss 0.123").
   void update(std::int64_t done, const std::string& note = "");
@@ -21,6 +23,7 @@ class ProgressBar {
   std::string label_;
   std::int64_t total_;
   std::int64_t done_ = 0;
+  std::int64_t already_done_ = 0;
   bool tty_;
   bool finished_ = false;
   std::chrono::steady_clock::time_point start_;

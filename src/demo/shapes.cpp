@@ -359,7 +359,7 @@ at::Tensor render_clip(const Caption& caption, const ClipLayout& layout, std::in
 }
 
 ClipBatch random_batch(std::int64_t batch, std::int64_t frames, std::int64_t width, std::int64_t height,
-                       std::mt19937_64& rng) {
+                       std::mt19937_64& rng, int first_colour) {
   check_geometry(frames, width, height, "random_batch");
   if (batch < 1) throw InputError("random_batch: batch must be >= 1");
   ClipBatch out;
@@ -368,7 +368,8 @@ ClipBatch random_batch(std::int64_t batch, std::int64_t frames, std::int64_t wid
   float* data = out.video.data_ptr<float>();
   const std::int64_t clip = 3 * frames * height * width;
   for (std::int64_t b = 0; b < batch; ++b) {
-    const Caption caption = random_caption(rng);
+    Caption caption = random_caption(rng);
+    if (first_colour >= 0) caption.colour = static_cast<Colour>((first_colour + b) % kColours);
     const ClipLayout layout = random_layout(caption, width, height, rng);
     render_into(data + b * clip, caption, layout, frames, width, height);
     out.captions.push_back(caption);

@@ -74,8 +74,10 @@ struct ClipBatch {
   at::Tensor video;
   std::vector<Caption> captions;
 };
+// With first_colour >= 0 the colours are not drawn but cycle through the palette from that
+// index (clip b gets (first_colour + b) mod 6): stratified validation sets.
 ClipBatch random_batch(std::int64_t batch, std::int64_t frames, std::int64_t width, std::int64_t height,
-                       std::mt19937_64& rng);
+                       std::mt19937_64& rng, int first_colour = -1);
 
 // ------------------------------------------------------------------------------------ judging
 
