@@ -420,4 +420,8 @@ TEST_CASE("vdit eval shapes generates, judges and saves clips with a model", "[s
   // Sizes the model cannot take are refused before it is loaded.
   CHECK(run_vdit("eval shapes --model " + model.string() + " --size 40x40", out) == 2);
   CHECK(out.find("multiple of 16") != std::string::npos);
+  // ... and leave no --save-dir behind.
+  CHECK(run_vdit("eval shapes --model " + model.string() + " --size 40x40 --save-dir " + (dir.path / "refused").string(),
+                 out) == 2);
+  CHECK_FALSE(fs::exists(dir.path / "refused"));
 }

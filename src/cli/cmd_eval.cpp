@@ -126,15 +126,6 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   if (o.shift != 0) settings.shift = o.shift;
   settings.guidance = o.guidance;
 
-  // Contact sheets: the directory is created, and every file name checked, up front, so a run of
-  // a hundred clips does not fail at the first sheet.
-  if (!o.save_dir.empty()) {
-    std::error_code ec;
-    fs::create_directories(o.save_dir, ec);
-    if (!fs::is_directory(o.save_dir, ec)) throw InputError("--save-dir " + o.save_dir + ": cannot create the directory");
-    for (int i = 0; i < o.clips; ++i) check_output_path((fs::path(o.save_dir) / sheet_name(i)).string(), o.overwrite);
-  }
-
   std::mt19937_64 caption_rng(static_cast<std::uint64_t>(o.seed));
   std::mt19937_64 layout_rng(static_cast<std::uint64_t>(o.seed) + kLayoutSeedOffset);
   std::vector<Caption> captions;
@@ -168,6 +159,16 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   } else {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips, " + std::to_string(width) + "x" +
              std::to_string(height) + ", " + std::to_string(o.frames) + " frames");
+  }
+
+  // Contact sheets: the directory is created, and every file name checked, before the first clip
+  // (so a run of a hundred clips does not fail at the first sheet) but after the model's size rules
+  // (so a refused size leaves no empty directory behind).
+  if (!o.save_dir.empty()) {
+    std::error_code ec;
+    fs::create_directories(o.save_dir, ec);
+    if (!fs::is_directory(o.save_dir, ec)) throw InputError("--save-dir " + o.save_dir + ": cannot create the directory");
+    for (int i = 0; i < o.clips; ++i) check_output_path((fs::path(o.save_dir) / sheet_name(i)).string(), o.overwrite);
   }
 
   JudgeSummary summary;
