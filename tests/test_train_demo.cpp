@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <numeric>
 
 namespace fs = std::filesystem;
@@ -232,6 +233,15 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   CHECK(classify_weights(*WeightFile::open(files.dit.front())).component == WanComponent::DiT);
   CHECK(classify_weights(*WeightFile::open(files.text_encoder)).component == WanComponent::TextEncoder);
   CHECK(classify_weights(*WeightFile::open(files.vae)).component == WanComponent::VAE);
+  // Written in diffusers / HF spelling, like a diffusers Wan checkpoint.
+  CHECK(classify_weights(*WeightFile::open(files.dit.front())).key_layout == "diffusers");
+  CHECK(classify_weights(*WeightFile::open(files.vae)).key_layout == "diffusers");
+  CHECK(WeightFile::open(files.text_encoder)->has("shared.weight"));
+  CHECK(WeightFile::open(files.dit.front())->has("blocks.0.attn1.to_q.weight"));
+  {
+    std::ifstream in(dir / "transformer" / "config.json");
+    CHECK(nlohmann::json::parse(in)["_class_name"] == "WanTransformer3DModel");
+  }
   CHECK(fs::exists(dir / "vdit-demo.json"));
   CHECK(fs::exists(dir / "train-state" / "dit.pt"));
 

@@ -169,6 +169,15 @@ TEST_CASE("umT5 parameter names are the original Wan names", "[t5]") {
   std::set<std::string> mapped;
   for (const auto& k : hf->keys()) mapped.insert(canonical_umt5_key(k));
   CHECK(mapped == keys);
+  // The inverse gives the HF names (all but the tied embed_tokens copy, which the writer omits).
+  std::set<std::string> written, reference;
+  for (const auto& k : keys) {
+    written.insert(hf_umt5_key(k));
+    CHECK(canonical_umt5_key(hf_umt5_key(k)) == k);
+  }
+  for (const auto& k : hf->keys())
+    if (k != "encoder.embed_tokens.weight") reference.insert(k);
+  CHECK(written == reference);
   CHECK(canonical_umt5_key("encoder.embed_tokens.weight").empty());
   CHECK(canonical_umt5_key("spiece_model").empty());
   CHECK(canonical_umt5_key("text_encoder.shared.weight") == "token_embedding.weight");

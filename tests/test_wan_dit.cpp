@@ -369,6 +369,21 @@ TEST_CASE("Wan DiT key names: original, diffusers, ComfyUI", "[dit]") {
   auto diffusers_file = WeightFile::open(kDir + "weights_diffusers_bf16.safetensors");  // keep alive over the loop
   for (const auto& k : diffusers_file->keys()) mapped.insert(wan_dit_canonical_key(k));
   CHECK(mapped == keys);
+  // The inverse names every original key exactly as the reference converter did.
+  std::set<std::string> written, reference(diffusers_file->keys().begin(), diffusers_file->keys().end());
+  for (const auto& k : keys) {
+    written.insert(wan_dit_diffusers_key(k));
+    CHECK(wan_dit_canonical_key(wan_dit_diffusers_key(k)) == k);
+  }
+  CHECK(written == reference);
+  // The diffusers config spelling reads back to the same config (text_len kept when not 512).
+  WanDiTConfig small = tiny_config();
+  CHECK(WanDiTConfig::from_json(small.to_diffusers_json()) == small);
+  small.text_len = 16;
+  const nlohmann::json j = small.to_diffusers_json();
+  CHECK(j["_class_name"] == "WanTransformer3DModel");
+  CHECK(j["attention_head_dim"] == small.dim / small.num_heads);
+  CHECK(WanDiTConfig::from_json(j) == small);
 }
 
 namespace {

@@ -147,6 +147,16 @@ TEST_CASE("wan vae: diffusers names map onto the original ones", "[vae]") {
     REQUIRE(original->has(canonical));
     CHECK(at::equal(original->load(canonical).to(at::kHalf), diffusers->load(key)));
   }
+  // The inverse names every original key exactly as the reference converter did.
+  const WanVAEConfig config = WanVAEConfig::from_json(manifest()["config"]);
+  std::set<std::string> written;
+  for (const auto& key : original->keys()) {
+    const std::string name = diffusers_wan_vae_key(key, config.num_res_blocks);
+    INFO(key << " -> " << name);
+    CHECK(canonical_wan_vae_key(name, config.num_res_blocks) == key);
+    written.insert(name);
+  }
+  CHECK(written == std::set<std::string>(diffusers->keys().begin(), diffusers->keys().end()));
 }
 
 TEST_CASE("wan vae: codec matches the reference (case_codec)", "[vae]") {

@@ -224,9 +224,12 @@ nlohmann::json t5_config_json(const UMT5Config& c) {
           {"eos_token_id", 1}};
 }
 
-std::vector<WriteEntry> parameter_entries(torch::nn::Module& m) {
+// The module's parameters as f32 entries, named by `rename` (the diffusers / HF spelling of each
+// original name, so the files read like any diffusers Wan checkpoint).
+std::vector<WriteEntry> parameter_entries(torch::nn::Module& m, const std::function<std::string(const std::string&)>& rename) {
   std::vector<WriteEntry> out;
-  for (const auto& p : m.named_parameters()) out.push_back({p.key(), p.value().detach().to(at::kFloat).contiguous(), std::nullopt});
+  for (const auto& p : m.named_parameters())
+    out.push_back({rename(p.key()), p.value().detach().to(at::kFloat).contiguous(), std::nullopt});
   return out;
 }
 
@@ -855,13 +858,15 @@ namespace {
 
 void write_vae(const fs::path& dir, WanVAE& vae) {
   fs::create_directories(dir / "vae");
-  write_safetensors((dir / "vae" / "diffusion_pytorch_model.safetensors").string(), parameter_entries(*vae));
+  write_safetensors((dir / "vae" / "diffusion_pytorch_model.safetensors").string(), parameter_entries(*vae, [&](const std::string& k) {
+                      return diffusers_wan_vae_key(k, vae->config().num_res_blocks);
+                    }));
   write_text(dir / "vae" / "config.json", vae_config_json(vae->config()).dump(2) + "\n");
 }
 
 void write_text_encoder(const fs::path& dir, UMT5Encoder& t5, const std::string& tokenizer_path) {
   fs::create_directories(dir / "text_encoder");
-  write_safetensors((dir / "text_encoder" / "model.safetensors").string(), parameter_entries(*t5));
+  write_safetensors((dir / "text_encoder" / "model.safetensors").string(), parameter_entries(*t5, hf_umt5_key));
   write_text(dir / "text_encoder" / "config.json", t5_config_json(t5->config()).dump(2) + "\n");
   const fs::path target = dir / "tokenizer" / "spiece.model";
   fs::create_directories(target.parent_path());
@@ -903,10 +908,9 @@ void write_pipeline_files(const fs::path& dir, const DemoTrainConfig& config) {
 
 void write_transformer(const fs::path& dir, WanDiT& dit) {
   fs::create_directories(dir / "transformer");
-  write_safetensors((dir / "transformer" / "diffusion_pytorch_model.safetensors").string(), parameter_entries(*dit));
-  nlohmann::json c = dit->config.to_json();
-  c["_class_name"] = "WanModel";
-  write_text(dir / "transformer" / "config.json", c.dump(2) + "\n");
+  write_safetensors((dir / "transformer" / "diffusion_pytorch_model.safetensors").string(),
+                    parameter_entries(*dit, wan_dit_diffusers_key));
+  write_text(dir / "transformer" / "config.json", dit->config.to_diffusers_json().dump(2) + "\n");
 }
 
 // The frozen contexts of the 90 captions and of "" (the demo's negative prompt), computed with

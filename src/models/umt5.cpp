@@ -143,6 +143,32 @@ std::string canonical_umt5_key(const std::string& raw_key) {
   return key;
 }
 
+std::string hf_umt5_key(const std::string& key) {
+  // The inverse of canonical_umt5_key on UMT5EncoderModel names.
+  if (key == "token_embedding.weight") return "shared.weight";
+  if (key == "norm.weight") return "encoder.final_layer_norm.weight";
+  if (starts_with(key, "blocks.")) {
+    const std::size_t end = key.find('.', 7);
+    if (end == std::string::npos) return key;
+    const std::string index = key.substr(7, end - 7), rest = key.substr(end + 1);
+    static const std::map<std::string, std::string> wan_to_hf = {
+        {"norm1.weight", "layer.0.layer_norm.weight"},
+        {"attn.q.weight", "layer.0.SelfAttention.q.weight"},
+        {"attn.k.weight", "layer.0.SelfAttention.k.weight"},
+        {"attn.v.weight", "layer.0.SelfAttention.v.weight"},
+        {"attn.o.weight", "layer.0.SelfAttention.o.weight"},
+        {"pos_embedding.embedding.weight", "layer.0.SelfAttention.relative_attention_bias.weight"},
+        {"norm2.weight", "layer.1.layer_norm.weight"},
+        {"ffn.gate.0.weight", "layer.1.DenseReluDense.wi_0.weight"},
+        {"ffn.fc1.weight", "layer.1.DenseReluDense.wi_1.weight"},
+        {"ffn.fc2.weight", "layer.1.DenseReluDense.wo.weight"},
+    };
+    auto it = wan_to_hf.find(rest);
+    if (it != wan_to_hf.end()) return "encoder.block." + index + "." + it->second;
+  }
+  return key;
+}
+
 namespace {
 
 struct SourceMap {

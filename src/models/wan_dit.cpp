@@ -205,6 +205,43 @@ std::string wan_dit_canonical_key(const std::string& key) {
   return k;
 }
 
+std::string wan_dit_diffusers_key(const std::string& key) {
+  // The inverse of the diffusers renames in wan_dit_canonical_key.
+  if (key == "head.modulation") return "scale_shift_table";
+  static const std::vector<std::pair<std::string, std::string>> top_level = {
+      {"time_embedding.0.", "condition_embedder.time_embedder.linear_1."},
+      {"time_embedding.2.", "condition_embedder.time_embedder.linear_2."},
+      {"text_embedding.0.", "condition_embedder.text_embedder.linear_1."},
+      {"text_embedding.2.", "condition_embedder.text_embedder.linear_2."},
+      {"time_projection.1.", "condition_embedder.time_proj."},
+      {"head.head.", "proj_out."},
+  };
+  for (const auto& [from, to] : top_level) {
+    if (starts_with(key, from)) return to + key.substr(from.size());
+  }
+  if (starts_with(key, "blocks.")) {
+    const std::size_t dot = key.find('.', 7);
+    if (dot == std::string::npos) return key;
+    const std::string head = key.substr(0, dot + 1);
+    const std::string rest = key.substr(dot + 1);
+    if (rest == "modulation") return head + "scale_shift_table";
+    static const std::vector<std::pair<std::string, std::string>> in_block = {
+        {"self_attn.q.", "attn1.to_q."},     {"self_attn.k.", "attn1.to_k."},
+        {"self_attn.v.", "attn1.to_v."},     {"self_attn.o.", "attn1.to_out.0."},
+        {"self_attn.norm_q.", "attn1.norm_q."}, {"self_attn.norm_k.", "attn1.norm_k."},
+        {"cross_attn.q.", "attn2.to_q."},    {"cross_attn.k.", "attn2.to_k."},
+        {"cross_attn.v.", "attn2.to_v."},    {"cross_attn.o.", "attn2.to_out.0."},
+        {"cross_attn.norm_q.", "attn2.norm_q."}, {"cross_attn.norm_k.", "attn2.norm_k."},
+        {"norm3.", "norm2."},
+        {"ffn.0.", "ffn.net.0.proj."},       {"ffn.2.", "ffn.net.2."},
+    };
+    for (const auto& [from, to] : in_block) {
+      if (starts_with(rest, from)) return head + to + rest.substr(from.size());
+    }
+  }
+  return key;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
@@ -363,6 +400,30 @@ WanDiTConfig WanDiTConfig::from_file(const std::string& path) {
   } catch (const InputError& e) {
     throw InputError(path + ": " + e.what());
   }
+}
+
+nlohmann::json WanDiTConfig::to_diffusers_json() const {
+  nlohmann::json j;
+  j["_class_name"] = "WanTransformer3DModel";
+  j["patch_size"] = patch_size;
+  j["num_attention_heads"] = num_heads;
+  j["attention_head_dim"] = dim / num_heads;
+  j["in_channels"] = in_dim;
+  j["out_channels"] = out_dim;
+  j["text_dim"] = text_dim;
+  j["freq_dim"] = freq_dim;
+  j["ffn_dim"] = ffn_dim;
+  j["num_layers"] = num_layers;
+  j["cross_attn_norm"] = cross_attn_norm;
+  j["qk_norm"] = qk_norm ? nlohmann::json("rms_norm_across_heads") : nlohmann::json(nullptr);
+  j["eps"] = eps;
+  j["image_dim"] = nullptr;
+  j["added_kv_proj_dim"] = nullptr;
+  j["rope_max_seq_len"] = 1024;
+  // Not a WanTransformer3DModel field (diffusers keeps the text length in the pipeline and would
+  // ignore it): written only when it differs from Wan's 512, so a small model's files say it.
+  if (text_len != 512) j["text_len"] = text_len;
+  return j;
 }
 
 nlohmann::json WanDiTConfig::to_json() const {

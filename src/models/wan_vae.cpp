@@ -589,6 +589,43 @@ std::string canonical_wan_vae_key(const std::string& key_in, std::int64_t num_re
   return key;
 }
 
+std::string diffusers_wan_vae_key(const std::string& key, std::int64_t num_res_blocks) {
+  // The inverse of canonical_wan_vae_key on AutoencoderKLWan names.
+  auto residual = [](const std::string& leaf) {
+    static const std::array<std::pair<const char*, const char*>, 5> kMap{{{"residual.0.", "norm1."},
+                                                                          {"residual.2.", "conv1."},
+                                                                          {"residual.3.", "norm2."},
+                                                                          {"residual.6.", "conv2."},
+                                                                          {"shortcut.", "conv_shortcut."}}};
+    for (const auto& [from, to] : kMap)
+      if (starts_with(leaf, from)) return to + leaf.substr(std::string(from).size());
+    return leaf;
+  };
+  if (starts_with(key, "conv1.")) return "quant_conv." + key.substr(6);
+  if (starts_with(key, "conv2.")) return "post_quant_conv." + key.substr(6);
+  for (const std::string side : {"encoder.", "decoder."}) {
+    if (!starts_with(key, side)) continue;
+    const std::string rest = key.substr(side.size());
+    std::int64_t i = 0;
+    std::string tail;
+    if (starts_with(rest, "conv1.")) return side + "conv_in." + rest.substr(6);
+    if (starts_with(rest, "head.2.")) return side + "conv_out." + rest.substr(7);
+    if (starts_with(rest, "head.0.")) return side + "norm_out." + rest.substr(7);
+    if (starts_with(rest, "middle.") && split_index(rest.substr(7), i, tail)) {
+      if (i == 1) return side + "mid_block.attentions.0." + tail;
+      return side + "mid_block.resnets." + std::to_string(i / 2) + "." + residual(tail);
+    }
+    if (side == "encoder." && starts_with(rest, "downsamples.") && split_index(rest.substr(12), i, tail))
+      return side + "down_blocks." + std::to_string(i) + "." + residual(tail);
+    if (side == "decoder." && starts_with(rest, "upsamples.") && split_index(rest.substr(10), i, tail)) {
+      const std::int64_t per_stage = num_res_blocks + 2, stage = i / per_stage, k = i % per_stage;
+      if (k == num_res_blocks + 1) return side + "up_blocks." + std::to_string(stage) + ".upsamplers.0." + tail;
+      return side + "up_blocks." + std::to_string(stage) + ".resnets." + std::to_string(k) + "." + residual(tail);
+    }
+  }
+  return key;
+}
+
 WanVAEConfig WanVAEConfig::infer_from_weights(const WeightFile& file) {
   // Encoder names do not depend on num_res_blocks, and only the encoder is read here.
   std::map<std::string, std::vector<std::int64_t>> shapes;

@@ -50,7 +50,7 @@ struct DemoTrainConfig {
   double vae_kl_weight = 1e-5;       // on the per-element mean KL
   double vae_foreground_weight = 1;  // weight of the object pixels' mean L1 against the background's
   std::int64_t vae_steps = 0;        // 0: use minutes
-  double vae_minutes = 55;
+  double vae_minutes = 40;
   std::int64_t vae_stats_clips = 256;  // clips used to measure the latent mean/std
   // Initial bias of the encoder's log-variance outputs. At 0 the sampled latent starts with unit
   // noise, far larger than the signal, and the decoder first learns a blurred average (measured:

@@ -162,6 +162,9 @@ TORCH_MODULE(UMT5Encoder);
 // weights of a full T5). Unknown keys come back unchanged. Also strips the "text_encoder." and
 // "text_encoders.umt5xxl.transformer." prefixes some single-file checkpoints add.
 std::string canonical_umt5_key(const std::string& key);
+// The Hugging Face UMT5EncoderModel name of an original key (the inverse of canonical_umt5_key on
+// those names); unknown keys come back unchanged.
+std::string hf_umt5_key(const std::string& key);
 
 // Fills every parameter of `model` from `file`, casting to `dtype` (the model is converted to
 // `dtype` first, keeping its device). ComfyUI fp8 "_scaled" files are handled: a weight with a

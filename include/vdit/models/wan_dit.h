@@ -58,6 +58,9 @@ struct WanDiTConfig {
   static WanDiTConfig from_json(const nlohmann::json& j);
   static WanDiTConfig from_file(const std::string& path);
   nlohmann::json to_json() const;  // original key names
+  // diffusers WanTransformer3DModel keys (plus "text_len" when it is not 512); from_json reads it
+  // back to the same config. Only t2v configs (image fields are written as null).
+  nlohmann::json to_diffusers_json() const;
 
   static WanDiTConfig t2v_1_3b();
   static WanDiTConfig t2v_14b();
@@ -85,6 +88,9 @@ struct WanDiTConfig {
 // "model.diffusion_model." / "diffusion_model." prefix and undoes diffusers' renames (including
 // its norm2 <-> norm3 swap). Original names map to themselves; unknown names pass through.
 std::string wan_dit_canonical_key(const std::string& key);
+// The diffusers (WanTransformer3DModel) name of an original key: the inverse of
+// wan_dit_canonical_key on diffusers names. Names diffusers spells the same come back unchanged.
+std::string wan_dit_diffusers_key(const std::string& key);
 
 // The reference RoPE table for positions 0..positions-1: cos and sin, each
 // [positions, head_dim/2] float64, columns = [t | h | w] frequency blocks.

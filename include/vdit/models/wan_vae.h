@@ -113,6 +113,8 @@ TORCH_MODULE(WanVAE);
 // renames diffusers (AutoencoderKLWan) keys; original keys come back unchanged. The decoder's
 // flat block index depends on num_res_blocks.
 std::string canonical_wan_vae_key(const std::string& key, std::int64_t num_res_blocks = 2);
+// The diffusers (AutoencoderKLWan) name of an original key: the inverse of canonical_wan_vae_key.
+std::string diffusers_wan_vae_key(const std::string& key, std::int64_t num_res_blocks = 2);
 
 // Copies every parameter from the file (original or diffusers names, any stored float dtype)
 // into the model, converted to `dtype`, on the model's device, and freezes the parameters (the
