@@ -496,14 +496,20 @@ WanVAEConfig unnormalised(WanVAEConfig c) {
 }
 }  // namespace
 
+namespace {
+// Pixels of clips [B, 3, F, H, W] that differ from the background: the object, [B, 1, F, H, W] f32.
+at::Tensor object_mask(const at::Tensor& video) {
+  return ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat);
+}
+}  // namespace
+
 at::Tensor vae_training_window(const at::Tensor& video, const DemoTrainConfig& config, std::mt19937_64& rng) {
   at::Tensor out = config.vae_frames > 0 ? video.narrow(2, 0, config.vae_frames) : video;
   const std::int64_t crop = config.vae_crop;
   const std::int64_t h = out.size(3), w = out.size(4);
   if (crop == 0 || (crop >= h && crop >= w)) return out.contiguous();
   // The object's centre in the middle kept frame (the frame centre if it has none).
-  const at::Tensor middle = out.select(2, out.size(2) / 2);                      // [B, 3, H, W]
-  const at::Tensor mask = ((middle - background_pixels().squeeze(2)).abs().amax(1) > 0.1).to(at::kFloat);  // [B, H, W]
+  const at::Tensor mask = object_mask(out.narrow(2, out.size(2) / 2, 1)).squeeze(2).squeeze(1);  // [B, H, W]
   const at::Tensor ys = at::arange(h, at::kFloat).view({1, h, 1}), xs = at::arange(w, at::kFloat).view({1, 1, w});
   const at::Tensor area = mask.sum({1, 2});
   const at::Tensor cy = ((mask * ys).sum({1, 2}) / area.clamp_min(1)).where(area > 0, at::full_like(area, h / 2.0));
@@ -526,7 +532,7 @@ at::Tensor vae_reconstruction_loss(const at::Tensor& recon, const at::Tensor& vi
   // The object's region is its mask dilated by vae_edge_margin pixels: with the bare mask, a
   // blurred halo around the object lands in the background's mean, where each pixel weighs ~50x
   // less, and the VAE learned round blobs (measured: shape judged at chance after 1200 steps).
-  const at::Tensor object = ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat);
+  const at::Tensor object = object_mask(video);
   at::Tensor fg = object;
   if (config.vae_edge_margin > 0) {
     const std::int64_t k = 2 * config.vae_edge_margin + 1;

@@ -97,6 +97,22 @@ UMT5Config UMT5Config::preset(const std::string& name) {
   throw InputError("unknown umT5 preset '" + name + "' (expected umt5-xxl)");
 }
 
+namespace {
+// HF UMT5EncoderModel block leaf <-> original Wan block leaf; one table for both directions.
+constexpr std::pair<const char*, const char*> kUMT5BlockNames[] = {
+    {"layer.0.layer_norm.weight", "norm1.weight"},
+    {"layer.0.SelfAttention.q.weight", "attn.q.weight"},
+    {"layer.0.SelfAttention.k.weight", "attn.k.weight"},
+    {"layer.0.SelfAttention.v.weight", "attn.v.weight"},
+    {"layer.0.SelfAttention.o.weight", "attn.o.weight"},
+    {"layer.0.SelfAttention.relative_attention_bias.weight", "pos_embedding.embedding.weight"},
+    {"layer.1.layer_norm.weight", "norm2.weight"},
+    {"layer.1.DenseReluDense.wi_0.weight", "ffn.gate.0.weight"},
+    {"layer.1.DenseReluDense.wi_1.weight", "ffn.fc1.weight"},
+    {"layer.1.DenseReluDense.wo.weight", "ffn.fc2.weight"},
+};
+}  // namespace
+
 std::string canonical_umt5_key(const std::string& raw_key) {
   std::string key = raw_key;
   for (const char* prefix : {"text_encoders.umt5xxl.transformer.", "umt5xxl.transformer.", "text_encoder."}) {
@@ -125,20 +141,8 @@ std::string canonical_umt5_key(const std::string& raw_key) {
     if (end == pos || end >= key.size() || key[end] != '.') return key;
     const std::string index = key.substr(pos, end - pos);
     const std::string rest = key.substr(end + 1);
-    static const std::map<std::string, std::string> hf_to_wan = {
-        {"layer.0.layer_norm.weight", "norm1.weight"},
-        {"layer.0.SelfAttention.q.weight", "attn.q.weight"},
-        {"layer.0.SelfAttention.k.weight", "attn.k.weight"},
-        {"layer.0.SelfAttention.v.weight", "attn.v.weight"},
-        {"layer.0.SelfAttention.o.weight", "attn.o.weight"},
-        {"layer.0.SelfAttention.relative_attention_bias.weight", "pos_embedding.embedding.weight"},
-        {"layer.1.layer_norm.weight", "norm2.weight"},
-        {"layer.1.DenseReluDense.wi_0.weight", "ffn.gate.0.weight"},
-        {"layer.1.DenseReluDense.wi_1.weight", "ffn.fc1.weight"},
-        {"layer.1.DenseReluDense.wo.weight", "ffn.fc2.weight"},
-    };
-    auto it = hf_to_wan.find(rest);
-    if (it != hf_to_wan.end()) return "blocks." + index + "." + it->second;
+    for (const auto& [hf, wan] : kUMT5BlockNames)
+      if (rest == hf) return "blocks." + index + "." + wan;
   }
   return key;
 }
@@ -151,20 +155,8 @@ std::string hf_umt5_key(const std::string& key) {
     const std::size_t end = key.find('.', 7);
     if (end == std::string::npos) return key;
     const std::string index = key.substr(7, end - 7), rest = key.substr(end + 1);
-    static const std::map<std::string, std::string> wan_to_hf = {
-        {"norm1.weight", "layer.0.layer_norm.weight"},
-        {"attn.q.weight", "layer.0.SelfAttention.q.weight"},
-        {"attn.k.weight", "layer.0.SelfAttention.k.weight"},
-        {"attn.v.weight", "layer.0.SelfAttention.v.weight"},
-        {"attn.o.weight", "layer.0.SelfAttention.o.weight"},
-        {"pos_embedding.embedding.weight", "layer.0.SelfAttention.relative_attention_bias.weight"},
-        {"norm2.weight", "layer.1.layer_norm.weight"},
-        {"ffn.gate.0.weight", "layer.1.DenseReluDense.wi_0.weight"},
-        {"ffn.fc1.weight", "layer.1.DenseReluDense.wi_1.weight"},
-        {"ffn.fc2.weight", "layer.1.DenseReluDense.wo.weight"},
-    };
-    auto it = wan_to_hf.find(rest);
-    if (it != wan_to_hf.end()) return "encoder.block." + index + "." + it->second;
+    for (const auto& [hf, wan] : kUMT5BlockNames)
+      if (rest == wan) return "encoder.block." + index + "." + hf;
   }
   return key;
 }

@@ -159,88 +159,68 @@ std::string files_label(const std::vector<std::shared_ptr<WeightFile>>& files) {
 // ---------------------------------------------------------------------------------------------
 // Key names
 
-std::string wan_dit_canonical_key(const std::string& key) {
-  std::string k = key;
-  for (const char* prefix : {"model.diffusion_model.", "diffusion_model."}) {
-    if (starts_with(k, prefix)) {
-      k = k.substr(std::string(prefix).size());
-      break;
-    }
-  }
-  // diffusers names (convert_wan_to_diffusers.py, read backwards).
-  if (k == "scale_shift_table") return "head.modulation";
-  static const std::vector<std::pair<std::string, std::string>> top_level = {
-      {"condition_embedder.time_embedder.linear_1.", "time_embedding.0."},
-      {"condition_embedder.time_embedder.linear_2.", "time_embedding.2."},
-      {"condition_embedder.text_embedder.linear_1.", "text_embedding.0."},
-      {"condition_embedder.text_embedder.linear_2.", "text_embedding.2."},
-      {"condition_embedder.time_proj.", "time_projection.1."},
-      {"proj_out.", "head.head."},
-  };
-  for (const auto& [from, to] : top_level) {
-    if (starts_with(k, from)) return to + k.substr(from.size());
+namespace {
+
+// diffusers name <-> original name (convert_wan_to_diffusers.py, read backwards): one table serves
+// both directions.
+struct KeyRename {
+  const char* diffusers;
+  const char* original;
+};
+constexpr KeyRename kTopLevelRenames[] = {
+    {"condition_embedder.time_embedder.linear_1.", "time_embedding.0."},
+    {"condition_embedder.time_embedder.linear_2.", "time_embedding.2."},
+    {"condition_embedder.text_embedder.linear_1.", "text_embedding.0."},
+    {"condition_embedder.text_embedder.linear_2.", "text_embedding.2."},
+    {"condition_embedder.time_proj.", "time_projection.1."},
+    {"proj_out.", "head.head."},
+};
+constexpr KeyRename kBlockRenames[] = {
+    {"attn1.to_q.", "self_attn.q."},     {"attn1.to_k.", "self_attn.k."},
+    {"attn1.to_v.", "self_attn.v."},     {"attn1.to_out.0.", "self_attn.o."},
+    {"attn1.norm_q.", "self_attn.norm_q."}, {"attn1.norm_k.", "self_attn.norm_k."},
+    {"attn2.to_q.", "cross_attn.q."},    {"attn2.to_k.", "cross_attn.k."},
+    {"attn2.to_v.", "cross_attn.v."},    {"attn2.to_out.0.", "cross_attn.o."},
+    {"attn2.norm_q.", "cross_attn.norm_q."}, {"attn2.norm_k.", "cross_attn.norm_k."},
+    // diffusers numbers the block's norms in call order: its affine norm2 is the original
+    // norm3 (the parameter-free original norm2 has no tensors).
+    {"norm2.", "norm3."},
+    {"ffn.net.0.proj.", "ffn.0."},       {"ffn.net.2.", "ffn.2."},
+};
+
+// Renames an (unprefixed) key from diffusers to original spelling, or back.
+std::string rename_dit_key(const std::string& k, bool to_original) {
+  auto from = [&](const KeyRename& r) { return std::string(to_original ? r.diffusers : r.original); };
+  auto to = [&](const KeyRename& r) { return std::string(to_original ? r.original : r.diffusers); };
+  const KeyRename head_modulation{"scale_shift_table", "head.modulation"};
+  if (k == from(head_modulation)) return to(head_modulation);
+  for (const auto& r : kTopLevelRenames) {
+    if (starts_with(k, from(r))) return to(r) + k.substr(from(r).size());
   }
   if (starts_with(k, "blocks.")) {
     const std::size_t dot = k.find('.', 7);
     if (dot == std::string::npos) return k;
     const std::string head = k.substr(0, dot + 1);  // "blocks.N."
     const std::string rest = k.substr(dot + 1);
-    if (rest == "scale_shift_table") return head + "modulation";
-    static const std::vector<std::pair<std::string, std::string>> in_block = {
-        {"attn1.to_q.", "self_attn.q."},     {"attn1.to_k.", "self_attn.k."},
-        {"attn1.to_v.", "self_attn.v."},     {"attn1.to_out.0.", "self_attn.o."},
-        {"attn1.norm_q.", "self_attn.norm_q."}, {"attn1.norm_k.", "self_attn.norm_k."},
-        {"attn2.to_q.", "cross_attn.q."},    {"attn2.to_k.", "cross_attn.k."},
-        {"attn2.to_v.", "cross_attn.v."},    {"attn2.to_out.0.", "cross_attn.o."},
-        {"attn2.norm_q.", "cross_attn.norm_q."}, {"attn2.norm_k.", "cross_attn.norm_k."},
-        // diffusers numbers the block's norms in call order: its affine norm2 is the original
-        // norm3 (the parameter-free original norm2 has no tensors).
-        {"norm2.", "norm3."},
-        {"ffn.net.0.proj.", "ffn.0."},       {"ffn.net.2.", "ffn.2."},
-    };
-    for (const auto& [from, to] : in_block) {
-      if (starts_with(rest, from)) return head + to + rest.substr(from.size());
+    const KeyRename block_modulation{"scale_shift_table", "modulation"};
+    if (rest == from(block_modulation)) return head + to(block_modulation);
+    for (const auto& r : kBlockRenames) {
+      if (starts_with(rest, from(r))) return head + to(r) + rest.substr(from(r).size());
     }
   }
   return k;
 }
 
-std::string wan_dit_diffusers_key(const std::string& key) {
-  // The inverse of the diffusers renames in wan_dit_canonical_key.
-  if (key == "head.modulation") return "scale_shift_table";
-  static const std::vector<std::pair<std::string, std::string>> top_level = {
-      {"time_embedding.0.", "condition_embedder.time_embedder.linear_1."},
-      {"time_embedding.2.", "condition_embedder.time_embedder.linear_2."},
-      {"text_embedding.0.", "condition_embedder.text_embedder.linear_1."},
-      {"text_embedding.2.", "condition_embedder.text_embedder.linear_2."},
-      {"time_projection.1.", "condition_embedder.time_proj."},
-      {"head.head.", "proj_out."},
-  };
-  for (const auto& [from, to] : top_level) {
-    if (starts_with(key, from)) return to + key.substr(from.size());
+}  // namespace
+
+std::string wan_dit_canonical_key(const std::string& key) {
+  for (const char* prefix : {"model.diffusion_model.", "diffusion_model."}) {
+    if (starts_with(key, prefix)) return rename_dit_key(key.substr(std::string(prefix).size()), true);
   }
-  if (starts_with(key, "blocks.")) {
-    const std::size_t dot = key.find('.', 7);
-    if (dot == std::string::npos) return key;
-    const std::string head = key.substr(0, dot + 1);
-    const std::string rest = key.substr(dot + 1);
-    if (rest == "modulation") return head + "scale_shift_table";
-    static const std::vector<std::pair<std::string, std::string>> in_block = {
-        {"self_attn.q.", "attn1.to_q."},     {"self_attn.k.", "attn1.to_k."},
-        {"self_attn.v.", "attn1.to_v."},     {"self_attn.o.", "attn1.to_out.0."},
-        {"self_attn.norm_q.", "attn1.norm_q."}, {"self_attn.norm_k.", "attn1.norm_k."},
-        {"cross_attn.q.", "attn2.to_q."},    {"cross_attn.k.", "attn2.to_k."},
-        {"cross_attn.v.", "attn2.to_v."},    {"cross_attn.o.", "attn2.to_out.0."},
-        {"cross_attn.norm_q.", "attn2.norm_q."}, {"cross_attn.norm_k.", "attn2.norm_k."},
-        {"norm3.", "norm2."},
-        {"ffn.0.", "ffn.net.0.proj."},       {"ffn.2.", "ffn.net.2."},
-    };
-    for (const auto& [from, to] : in_block) {
-      if (starts_with(rest, from)) return head + to + rest.substr(from.size());
-    }
-  }
-  return key;
+  return rename_dit_key(key, true);
 }
+
+std::string wan_dit_diffusers_key(const std::string& key) { return rename_dit_key(key, false); }
 
 // ---------------------------------------------------------------------------------------------
 // Configuration

@@ -530,15 +530,18 @@ std::vector<std::pair<std::string, std::string>> vae_keys(const WeightFile& file
   return out;
 }
 
-// diffusers resnet leaf -> original leaf (resample/time_conv leaves are spelled the same).
-std::string residual_leaf(const std::string& leaf) {
+// diffusers resnet leaf <-> original leaf (resample/time_conv leaves are spelled the same); one
+// table for both directions.
+std::string residual_leaf(const std::string& leaf, bool to_original = true) {
   static const std::array<std::pair<const char*, const char*>, 5> kMap{{{"norm1.", "residual.0."},
                                                                         {"conv1.", "residual.2."},
                                                                         {"norm2.", "residual.3."},
                                                                         {"conv2.", "residual.6."},
                                                                         {"conv_shortcut.", "shortcut."}}};
-  for (const auto& [from, to] : kMap)
-    if (starts_with(leaf, from)) return to + leaf.substr(std::string(from).size());
+  for (const auto& [diffusers, original] : kMap) {
+    const std::string from = to_original ? diffusers : original, to = to_original ? original : diffusers;
+    if (starts_with(leaf, from)) return to + leaf.substr(from.size());
+  }
   return leaf;
 }
 
@@ -591,16 +594,7 @@ std::string canonical_wan_vae_key(const std::string& key_in, std::int64_t num_re
 
 std::string diffusers_wan_vae_key(const std::string& key, std::int64_t num_res_blocks) {
   // The inverse of canonical_wan_vae_key on AutoencoderKLWan names.
-  auto residual = [](const std::string& leaf) {
-    static const std::array<std::pair<const char*, const char*>, 5> kMap{{{"residual.0.", "norm1."},
-                                                                          {"residual.2.", "conv1."},
-                                                                          {"residual.3.", "norm2."},
-                                                                          {"residual.6.", "conv2."},
-                                                                          {"shortcut.", "conv_shortcut."}}};
-    for (const auto& [from, to] : kMap)
-      if (starts_with(leaf, from)) return to + leaf.substr(std::string(from).size());
-    return leaf;
-  };
+  auto residual = [](const std::string& leaf) { return residual_leaf(leaf, false); };
   if (starts_with(key, "conv1.")) return "quant_conv." + key.substr(6);
   if (starts_with(key, "conv2.")) return "post_quant_conv." + key.substr(6);
   for (const std::string side : {"encoder.", "decoder."}) {
