@@ -10,6 +10,7 @@
 #include <string>
 
 int main(int argc, char** argv) {
+  vdit::select_blas_kernels(argv);
   bool quick = false, wan = false;
   std::string dtype = "bf16";
   for (int i = 1; i < argc; ++i) {

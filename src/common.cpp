@@ -2,7 +2,13 @@
 
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <cstdio>
@@ -34,6 +40,57 @@ void set_threads(int n) {
     n = hw == 0 ? 1 : static_cast<int>(hw);
   }
   at::set_num_threads(n);
+}
+
+namespace {
+// OpenBLAS's own entry points, looked up at run time so that vdit does not link OpenBLAS itself
+// (LibTorch loads it through libblas.so.3 when that alternative points at OpenBLAS).
+const char* openblas_corename() {
+  using Fn = char* (*)();
+  static Fn fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  return fn ? fn() : nullptr;
+}
+int openblas_parallel_kind() {
+  using Fn = int (*)();
+  static Fn fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+  return fn ? fn() : -1;
+}
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return s;
+}
+}  // namespace
+
+void select_blas_kernels(char** argv) {
+  if (std::getenv("OPENBLAS_CORETYPE") || std::getenv("VDIT_KEEP_BLAS")) return;
+  const char* core = openblas_corename();
+  if (!core) return;
+  // OpenBLAS's fallbacks when it does not know the CPU model; a known core is left alone.
+  static const char* const generic[] = {"prescott", "core2", "nehalem", "katmai", "coppermine", "northwood", "banias", "unknown"};
+  const std::string name = lower(core);
+  if (std::none_of(std::begin(generic), std::end(generic), [&](const char* g) { return name == g; })) return;
+  const char* target = nullptr;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl")) {
+    target = "SKYLAKEX";
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    target = "HASWELL";
+  }
+#endif
+  if (!target || !argv || !argv[0]) return;
+  if (setenv("OPENBLAS_CORETYPE", target, 1) != 0) return;
+  execv("/proc/self/exe", argv);
+  // Only reached when exec failed: carry on with the generic kernels (correct, just slower).
+  unsetenv("OPENBLAS_CORETYPE");
+}
+
+std::string blas_description() {
+  const char* core = openblas_corename();
+  if (!core) return "not OpenBLAS";
+  const int kind = openblas_parallel_kind();
+  return std::string("OpenBLAS ") + core + (kind == 0 ? " (sequential)" : kind == 1 ? " (pthreads)" : kind == 2 ? " (OpenMP)" : "");
 }
 
 at::ScalarType parse_dtype(const std::string& name) {

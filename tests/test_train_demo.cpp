@@ -206,7 +206,10 @@ TEST_CASE("train-demo: DiT flow-matching loss falls and training resumes bit-exa
     CHECK(mean_of(l, 35, 5) < 0.9 * mean_of(l, 0, 5));
   }
 
-  DiTTrainer straight(c, vae, ctx, null_ctx, 12), b(c, vae, ctx, null_ctx, 12), resumed(c, vae, ctx, null_ctx, 12);
+  // Resuming restores the pool's object masks too (the object-weighted loss needs them).
+  DemoTrainConfig cw = c;
+  cw.dit_object_weight = 8;
+  DiTTrainer straight(cw, vae, ctx, null_ctx, 12), b(cw, vae, ctx, null_ctx, 12), resumed(cw, vae, ctx, null_ctx, 12);
   for (int i = 0; i < 4; ++i) straight.step();
   for (int i = 0; i < 2; ++i) b.step();
   b.save_state((dir / "dit.pt").string());
@@ -373,4 +376,50 @@ TEST_CASE("train-demo: the VAE training window keeps the first frames and the wh
   // Bad values are refused when the config is read.
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_frames", 4}}), vdit::InputError);
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_crop", 40}}), vdit::InputError);
+}
+
+TEST_CASE("train-demo: the object-weighted flow loss is MSE at weight 0 and a weighted mean otherwise", "[train]") {
+  torch::manual_seed(3);
+  const at::Tensor pred = torch::randn({2, 4, 3, 8, 8}), target = torch::randn({2, 4, 3, 8, 8});
+  const at::Tensor mask = (torch::rand({2, 1, 3, 8, 8}) > 0.8).to(at::kFloat);
+  CHECK(dit_flow_loss(pred, target, mask, 0).item<double>() == Approx(at::mse_loss(pred, target).item<double>()).epsilon(1e-6));
+  // A uniform error e gives e^2 whatever the mask and weight.
+  CHECK(dit_flow_loss(target + 0.5, target, mask, 8).item<double>() == Approx(0.25).epsilon(1e-6));
+  // Error 1 on the masked positions only: sum(w e^2) / sum(w) = 9 m / (9 m + (N - m)) per channel.
+  const at::Tensor off = target + mask.expand_as(target);
+  const double m = mask.sum().item<double>(), n = static_cast<double>(mask.numel());
+  CHECK(dit_flow_loss(off, target, mask, 8).item<double>() == Approx(9 * m / (9 * m + (n - m))).epsilon(1e-6));
+}
+
+TEST_CASE("train-demo: the latent object mask covers exactly the latent cells of the object, grown by one", "[train]") {
+  std::mt19937_64 rng(8);
+  const shapes::ClipBatch batch = shapes::random_batch(3, 9, 64, 64, rng);
+  const std::int64_t ts = 4, ss = 4;
+  const at::Tensor mask = latent_object_mask(batch.video, ts, ss);
+  REQUIRE(mask.sizes() == at::IntArrayRef({3, 1, 3, 16, 16}));
+  const at::Tensor bg = at::tensor({0.08f, 0.08f, 0.10f}).view({1, 3, 1, 1, 1}) * 2 - 1;
+  const at::Tensor pixels = ((batch.video - bg).abs().amax(1) > 0.1);  // [B, F, H, W]
+  // Brute force: cell (f, y, x) is set when a pixel of the object lies in the frames latent frame
+  // f covers and within one latent cell of (y, x).
+  auto covered_frames = [&](std::int64_t f) {
+    return f == 0 ? std::make_pair<std::int64_t, std::int64_t>(0, 1) : std::make_pair(ts * (f - 1) + 1, ts * f + 1);
+  };
+  for (std::int64_t b = 0; b < 3; ++b) {
+    CHECK(mask[b].sum().item<double>() > 0);
+    for (std::int64_t f = 0; f < 3; ++f) {
+      const auto [f0, f1] = covered_frames(f);
+      const at::Tensor any = pixels[b].narrow(0, f0, f1 - f0).any(0);  // [H, W]
+      for (std::int64_t y = 0; y < 16; ++y) {
+        for (std::int64_t x = 0; x < 16; ++x) {
+          const std::int64_t y0 = std::max<std::int64_t>(0, (y - 1) * ss), y1 = std::min<std::int64_t>(64, (y + 2) * ss);
+          const std::int64_t x0 = std::max<std::int64_t>(0, (x - 1) * ss), x1 = std::min<std::int64_t>(64, (x + 2) * ss);
+          const bool expected = any.narrow(0, y0, y1 - y0).narrow(1, x0, x1 - x0).any().item<bool>();
+          if ((mask[b][0][f][y][x].item<float>() > 0.5) != expected) {
+            FAIL("clip " << b << " latent (" << f << ", " << y << ", " << x << ") expected " << expected);
+          }
+        }
+      }
+    }
+  }
+  CHECK_THROWS_AS(latent_object_mask(at::zeros({1, 4, 5, 8, 8}), 4, 4), vdit::InputError);
 }

@@ -29,6 +29,18 @@ void log_warning(const std::string& message);  // stderr always, prefixed "warni
 // Sets LibTorch's intra-op thread count; n <= 0 means "all cores of this machine".
 void set_threads(int n);
 
+// OpenBLAS (LibTorch's f32 GEMM on Debian) picks its kernels when it loads. Version 0.3.21 does not
+// recognise some current Xeons (virtual machines report a generic model) and falls back to its
+// Prescott kernels: on this project's 2-core machine 58 GFLOP/s instead of 289 with the SkylakeX
+// ones. Call first thing in main(): when OpenBLAS reports a generic core on a CPU with AVX-512
+// (or AVX2 + FMA), it sets OPENBLAS_CORETYPE and re-executes the program once, with the same
+// arguments. Does nothing when OPENBLAS_CORETYPE is already set, when VDIT_KEEP_BLAS is set, or
+// when the BLAS is not OpenBLAS; returns normally if the re-execution cannot happen.
+void select_blas_kernels(char** argv);
+
+// "OpenBLAS SkylakeX (pthreads)", "not OpenBLAS"...: for logs and benchmark lines.
+std::string blas_description();
+
 // "f32" | "bf16" | "f16" (also "float32", "bfloat16", "float16", "fp16"...).
 at::ScalarType parse_dtype(const std::string& name);
 std::string dtype_name(at::ScalarType t);

@@ -344,6 +344,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("ema_decay", c.ema_decay);
   get("pool_size", c.pool_size);
   get("pool_refresh", c.pool_refresh);
+  get("dit_object_weight", c.dit_object_weight);
   get("dit_steps", c.dit_steps);
   get("dit_minutes", c.dit_minutes);
   get("bf16_autocast", c.bf16_autocast);
@@ -362,6 +363,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
     throw InputError("demo training config: vae_crop must be 0 or a multiple of 16 no larger than the frame");
   if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
   if (c.pool_size < 1) throw InputError("demo training config: pool_size must be >= 1");
+  if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
   return c;
 }
 
@@ -413,6 +415,7 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["ema_decay"] = ema_decay;
   j["pool_size"] = pool_size;
   j["pool_refresh"] = pool_refresh;
+  j["dit_object_weight"] = dit_object_weight;
   j["dit_steps"] = dit_steps;
   j["dit_minutes"] = dit_minutes;
   j["bf16_autocast"] = bf16_autocast;
@@ -502,6 +505,22 @@ at::Tensor object_mask(const at::Tensor& video) {
   return ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat);
 }
 }  // namespace
+
+at::Tensor latent_object_mask(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride) {
+  if (video.dim() != 5 || video.size(1) != 3) throw InputError("latent_object_mask: clips must be [B, 3, F, H, W]");
+  at::Tensor mask = object_mask(video);  // [B, 1, F, H, W]
+  // Repeat frame 0 so that each later latent frame pools exactly its own temporal_stride frames.
+  if (temporal_stride > 1) mask = at::cat({mask.narrow(2, 0, 1).expand({-1, -1, temporal_stride - 1, -1, -1}), mask}, 2);
+  mask = at::max_pool3d(mask, {temporal_stride, spatial_stride, spatial_stride}, {temporal_stride, spatial_stride, spatial_stride});
+  return at::max_pool3d(mask, {1, 3, 3}, {1, 1, 1}, {0, 1, 1});
+}
+
+at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, double object_weight) {
+  const at::Tensor err = (pred - target).pow(2);
+  if (object_weight == 0) return err.mean();
+  const at::Tensor w = (1.0 + object_weight * mask).expand_as(err);
+  return (w * err).mean() / w.mean();
+}
 
 at::Tensor vae_training_window(const at::Tensor& video, const DemoTrainConfig& config, std::mt19937_64& rng) {
   at::Tensor out = config.vae_frames > 0 ? video.narrow(2, 0, config.vae_frames) : video;
@@ -736,6 +755,8 @@ void DiTTrainer::refresh(std::int64_t count) {
     const std::int64_t k = std::min<std::int64_t>({16, count - done, n - pool_cursor_});
     auto batch = shapes::random_batch(k, config_.frames, config_.width, config_.height, data_rng_);
     pool_.narrow(0, pool_cursor_, k).copy_(vae_->encode(batch.video));
+    pool_mask_.narrow(0, pool_cursor_, k)
+        .copy_(latent_object_mask(batch.video, vae_->config().temporal_stride(), vae_->config().spatial_stride()));
     for (std::int64_t i = 0; i < k; ++i) pool_caption_[pool_cursor_ + i] = caption_index(batch.captions[i]);
     pool_cursor_ = (pool_cursor_ + k) % n;
     done += k;
@@ -748,6 +769,7 @@ void DiTTrainer::fill_pool(const std::function<void(std::int64_t, std::int64_t)>
   const std::int64_t f = (config_.frames - 1) / vae_->config().temporal_stride() + 1;
   const std::int64_t s = vae_->config().spatial_stride();
   pool_ = at::zeros({n, vae_->config().z_dim, f, config_.height / s, config_.width / s});
+  pool_mask_ = at::zeros({n, 1, f, config_.height / s, config_.width / s}, at::kByte);
   pool_caption_.assign(static_cast<std::size_t>(n), 0);
   pool_cursor_ = 0;
   for (std::int64_t done = 0; done < n;) {
@@ -801,7 +823,9 @@ DiTStepResult DiTTrainer::step() {
     WanTextCondition cond = dit_->encode_text(ctx);
     pred = dit_->forward(xt, t, cond);
   }
-  const at::Tensor loss = at::mse_loss(pred.to(at::kFloat), target);
+  const at::Tensor index = at::tensor(idx);
+  const at::Tensor loss = dit_flow_loss(pred.to(at::kFloat), target, pool_mask_.index_select(0, index).to(at::kFloat),
+                                        config_.dit_object_weight);
   optimizer_->zero_grad();
   loss.backward();
   if (config_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(dit_->parameters(), config_.grad_clip);
@@ -831,6 +855,7 @@ void DiTTrainer::save_state(const std::string& path) const {
     ar.write("pool", pool_);
     ar.write("pool_caption", at::tensor(pool_caption_));
     ar.write("pool_cursor", at::tensor(pool_cursor_));
+    ar.write("pool_mask", pool_mask_);
   }
   write_rng(ar, data_rng_, noise_gen_);
   save_archive(ar, path);
@@ -854,6 +879,11 @@ void DiTTrainer::load_state(const std::string& path) {
     caps = caps.contiguous();
     pool_caption_.assign(caps.data_ptr<std::int64_t>(), caps.data_ptr<std::int64_t>() + caps.numel());
     pool_cursor_ = read_int(ar, "pool_cursor");
+    if (!ar.try_read("pool_mask", pool_mask_)) {
+      // A state from before the object weighting: its clips count as all background until refreshed.
+      pool_mask_ = at::zeros({pool_.size(0), 1, pool_.size(2), pool_.size(3), pool_.size(4)}, at::kByte);
+      if (config_.dit_object_weight > 0) log_warning("dit: resumed pool has no object masks; weighting starts as pool clips are refreshed");
+    }
   }
   read_rng(ar, data_rng_, noise_gen_);
 }

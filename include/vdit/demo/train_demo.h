@@ -86,6 +86,9 @@ struct DemoTrainConfig {
   double ema_decay = 0.999;
   std::int64_t pool_size = 2048;       // pre-encoded latents the DiT batches are drawn from
   std::int64_t pool_refresh = 2;       // clips re-rendered and re-encoded per DiT step
+  // Extra weight of the latent positions covered by the object (see dit_flow_loss): the object is
+  // ~2% of the latent, so an unweighted loss is dominated by the trivial background.
+  double dit_object_weight = 0;
   std::int64_t dit_steps = 0;          // 0: use minutes
   double dit_minutes = 115;
   // The DiT forward under CPU bf16 autocast (f32 master weights, optimizer and loss). Measured
@@ -187,6 +190,16 @@ struct DiTStepResult {
   double loss = 0;
 };
 
+// Latent positions [B, 1, F', H/s, W/s] (f32 0/1) whose pixels hold any of the object in clips
+// [B, 3, F, H, W], grown by one latent position on each side. Latent frame 0 covers pixel frame 0
+// and frame k >= 1 covers pixel frames t(k-1)+1 .. tk, as the causal VAE compresses them.
+at::Tensor latent_object_mask(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride);
+
+// The DiT's flow-matching loss: mean of w (pred - target)^2 divided by the mean of w, with
+// w = 1 + object_weight * mask (mask [B, 1, F', h, w] broadcast over channels). object_weight 0 is
+// plain MSE; a uniform error e gives e^2 whatever the mask.
+at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, double object_weight);
+
 class DiTTrainer {
  public:
   // vae: trained (stats folded); contexts: the frozen umT5 output per caption in
@@ -213,6 +226,7 @@ class DiTTrainer {
   WanDiT dit_{nullptr}, ema_{nullptr};
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   at::Tensor pool_;                          // [pool_size, 16, F', h, w] normalised latents
+  at::Tensor pool_mask_;                     // [pool_size, 1, F', h, w] latent_object_mask, u8
   std::vector<std::int64_t> pool_caption_;   // index into Caption::all()
   std::int64_t pool_cursor_ = 0;             // next pool slot to refresh
   std::mt19937_64 data_rng_;
