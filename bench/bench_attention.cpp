@@ -10,7 +10,7 @@
 #include <string>
 
 int main(int argc, char** argv) {
-  vdit::select_blas_kernels(argv);
+  vdit::configure_blas(argv);
   bool quick = false, wan = false;
   std::string dtype = "bf16";
   for (int i = 1; i < argc; ++i) {

@@ -1,4 +1,4 @@
-// f32 GEMM rate with the BLAS kernels vdit selects (vdit::select_blas_kernels) against the kernels
+// f32 GEMM rate with the BLAS kernels vdit selects (vdit::configure_blas) against the kernels
 // OpenBLAS picked by itself, measured in one run: this program times the selected kernels, then
 // runs itself again with VDIT_KEEP_BLAS=1 to time the library's own choice, and prints one JSON
 // line per size plus the ratio. Sizes: square GEMMs and the demo DiT's FFN shape.
@@ -45,19 +45,36 @@ double gemm_gflops(const Shape& s) {
   return rates[rates.size() / 2];
 }
 
+// A sampling step's pattern in miniature: small GEMMs alternating with elementwise work on
+// LibTorch's OpenMP threads (where OpenBLAS workers that keep spinning after a GEMM steal the
+// cores). Median milliseconds per 100 rounds.
+double mixed_ms() {
+  const at::Tensor x = at::randn({384, 128}), w1 = at::randn({128, 512}), w2 = at::randn({512, 128});
+  std::vector<double> ms;
+  for (int r = 0; r < 6; ++r) {
+    const auto t = std::chrono::steady_clock::now();
+    at::Tensor h = x;
+    for (int i = 0; i < 100; ++i) h = at::layer_norm(at::mm(at::gelu(at::mm(h, w1)), w2) + h, {128});
+    if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
 nlohmann::json measure() {
   nlohmann::json out;
   out["blas"] = vdit::blas_description();
   for (const Shape& s : kShapes) {
     out["gflops"].push_back({{"m", s.m}, {"k", s.k}, {"n", s.n}, {"gflops", gemm_gflops(s)}});
   }
+  out["mixed_ms"] = mixed_ms();
   return out;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  vdit::select_blas_kernels(argv);
+  vdit::configure_blas(argv);
   try {
     vdit::set_threads(0);
     if (argc > 1 && std::strcmp(argv[1], "--single") == 0) {
@@ -66,7 +83,7 @@ int main(int argc, char** argv) {
     }
     const nlohmann::json selected = measure();
     // The library's own choice: the same program, told not to re-select.
-    const std::string command = "env -u OPENBLAS_CORETYPE VDIT_KEEP_BLAS=1 /proc/" + std::to_string(::getpid()) + "/exe --single";
+    const std::string command = "env -u OPENBLAS_CORETYPE -u OPENBLAS_THREAD_TIMEOUT VDIT_KEEP_BLAS=1 /proc/" + std::to_string(::getpid()) + "/exe --single";
     FILE* pipe = popen(command.c_str(), "r");
     if (!pipe) throw vdit::RuntimeError("bench_blas: cannot run " + command);
     std::string text;
@@ -81,6 +98,11 @@ int main(int argc, char** argv) {
                              {"blas_own", own["blas"]},     {"gflops_own", b},         {"ratio", a / b}};
       std::cout << line.dump() << std::endl;
     }
+    const double ms_selected = selected["mixed_ms"], ms_own = own["mixed_ms"];
+    std::cout << nlohmann::json{{"workload", "100 x (mm 384x128x512, gelu, mm, add, layer_norm)"},
+                                {"ms_selected", ms_selected}, {"ms_own", ms_own}, {"speedup", ms_own / ms_selected}}
+                     .dump()
+              << std::endl;
   } catch (const std::exception& e) {
     std::cerr << "bench_blas: error: " << e.what() << std::endl;
     return 1;

@@ -61,29 +61,37 @@ std::string lower(std::string s) {
 }
 }  // namespace
 
-void select_blas_kernels(char** argv) {
-  if (std::getenv("OPENBLAS_CORETYPE") || std::getenv("VDIT_KEEP_BLAS")) return;
+void configure_blas(char** argv) {
+  if (std::getenv("VDIT_KEEP_BLAS") || !argv || !argv[0]) return;
   const char* core = openblas_corename();
   if (!core) return;
-  // OpenBLAS's fallbacks when it does not know the CPU model; a known core is left alone.
-  static const char* const generic[] = {"prescott", "core2", "nehalem", "katmai", "coppermine", "northwood", "banias", "unknown"};
-  const std::string name = lower(core);
-  if (std::none_of(std::begin(generic), std::end(generic), [&](const char* g) { return name == g; })) return;
-  const char* target = nullptr;
+  bool changed = false;
+  if (!std::getenv("OPENBLAS_CORETYPE")) {
+    // OpenBLAS's fallbacks when it does not know the CPU model; a known core is left alone.
+    static const char* const generic[] = {"prescott", "core2",  "nehalem", "katmai",
+                                          "coppermine", "northwood", "banias", "unknown"};
+    const std::string name = lower(core);
+    const char* target = nullptr;
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl")) {
-    target = "SKYLAKEX";
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    target = "HASWELL";
-  }
+    if (std::any_of(std::begin(generic), std::end(generic), [&](const char* g) { return name == g; })) {
+      __builtin_cpu_init();
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+        target = "SKYLAKEX";
+      } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        target = "HASWELL";
+      }
+    }
 #endif
-  if (!target || !argv || !argv[0]) return;
-  if (setenv("OPENBLAS_CORETYPE", target, 1) != 0) return;
+    if (target && setenv("OPENBLAS_CORETYPE", target, 1) == 0) changed = true;
+  }
+  if (openblas_parallel_kind() == 1 && !std::getenv("OPENBLAS_THREAD_TIMEOUT") && !std::getenv("GOTO_THREAD_TIMEOUT")) {
+    if (setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1) == 0) changed = true;
+  }
+  if (!changed) return;
   execv("/proc/self/exe", argv);
-  // Only reached when exec failed: carry on with the generic kernels (correct, just slower).
-  unsetenv("OPENBLAS_CORETYPE");
+  // Only reached when exec failed: carry on as loaded (correct, just slower). The variables stay
+  // set, so a child process gets them.
 }
 
 std::string blas_description() {

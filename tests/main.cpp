@@ -4,7 +4,7 @@
 #include "vdit/common.h"
 
 int main(int argc, char* argv[]) {
-  vdit::select_blas_kernels(argv);
+  vdit::configure_blas(argv);
   vdit::set_threads(0);
   return Catch::Session().run(argc, argv);
 }

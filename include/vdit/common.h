@@ -29,14 +29,19 @@ void log_warning(const std::string& message);  // stderr always, prefixed "warni
 // Sets LibTorch's intra-op thread count; n <= 0 means "all cores of this machine".
 void set_threads(int n);
 
-// OpenBLAS (LibTorch's f32 GEMM on Debian) picks its kernels when it loads. Version 0.3.21 does not
-// recognise some current Xeons (virtual machines report a generic model) and falls back to its
-// Prescott kernels: on this project's 2-core machine 58 GFLOP/s instead of 289 with the SkylakeX
-// ones. Call first thing in main(): when OpenBLAS reports a generic core on a CPU with AVX-512
-// (or AVX2 + FMA), it sets OPENBLAS_CORETYPE and re-executes the program once, with the same
-// arguments. Does nothing when OPENBLAS_CORETYPE is already set, when VDIT_KEEP_BLAS is set, or
-// when the BLAS is not OpenBLAS; returns normally if the re-execution cannot happen.
-void select_blas_kernels(char** argv);
+// OpenBLAS (LibTorch's f32 GEMM on Debian) fixes two things when it loads, from the environment:
+// - its kernels. Version 0.3.21 does not recognise some current Xeons (virtual machines report a
+//   generic model) and falls back to its Prescott kernels: on this project's 2-core machine a
+//   2048^2 GEMM runs at 62 GFLOP/s instead of 306 with the SkylakeX ones (bench_blas);
+// - how long its worker threads spin after a GEMM (2^28 cycles by default). They spin while
+//   LibTorch's OpenMP threads run the elementwise work between GEMMs, on the same cores: the demo
+//   model's 30 sampling steps took 11.9 s, and 6.8 s with OPENBLAS_THREAD_TIMEOUT=4 (16 cycles).
+// Call first thing in main(): when OpenBLAS reports a generic core on a CPU with AVX-512 (or AVX2 +
+// FMA) it sets OPENBLAS_CORETYPE, and for the pthreads build OPENBLAS_THREAD_TIMEOUT=4, then
+// re-executes the program once with the same arguments (~0.4 s of start-up). A variable the user
+// has set is kept; VDIT_KEEP_BLAS=1 turns all of this off; not OpenBLAS: nothing happens. Returns
+// normally when re-execution is impossible.
+void configure_blas(char** argv);
 
 // "OpenBLAS SkylakeX (pthreads)", "not OpenBLAS"...: for logs and benchmark lines.
 std::string blas_description();

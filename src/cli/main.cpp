@@ -13,7 +13,7 @@
 #include <memory>
 
 int main(int argc, char** argv) {
-  vdit::select_blas_kernels(argv);
+  vdit::configure_blas(argv);
   CLI::App app{"vdit: diffusion-transformer video and image generation (Wan2.1) on LibTorch", "vdit"};
   app.set_version_flag("--version", std::string("vdit ") + VDIT_VERSION_STRING);
   app.require_subcommand(1);
