@@ -87,8 +87,10 @@ struct DemoTrainConfig {
   std::int64_t pool_size = 2048;       // pre-encoded latents the DiT batches are drawn from
   std::int64_t pool_refresh = 2;       // clips re-rendered and re-encoded per DiT step
   // Extra weight of the latent positions covered by the object (see dit_flow_loss): the object is
-  // ~2% of the latent, so an unweighted loss is dominated by the trivial background.
-  double dit_object_weight = 0;
+  // ~2% of the latent, so an unweighted loss is dominated by the trivial background. Measured at
+  // 3850 steps on the same VAE, 100 judged clips: 0 gave colour 49 % shape 33 % (45 clips), 8 gave
+  // colour 83 % shape 48 % motion 95 %.
+  double dit_object_weight = 8;
   std::int64_t dit_steps = 0;          // 0: use minutes
   double dit_minutes = 115;
   // The DiT forward under CPU bf16 autocast (f32 master weights, optimizer and loss). Measured
