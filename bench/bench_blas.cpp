@@ -1,7 +1,8 @@
-// f32 GEMM rate with the BLAS kernels vdit selects (vdit::configure_blas) against the kernels
-// OpenBLAS picked by itself, measured in one run: this program times the selected kernels, then
-// runs itself again with VDIT_KEEP_BLAS=1 to time the library's own choice, and prints one JSON
-// line per size plus the ratio. Sizes: square GEMMs and the demo DiT's FFN shape.
+// f32 GEMM rate and a GEMM/elementwise mix under the OpenBLAS set-up vdit selects
+// (vdit::configure_blas: kernels and thread spin) against OpenBLAS's own, measured in one run:
+// this program times vdit's set-up, then runs itself again without it (VDIT_KEEP_BLAS=1, the two
+// variables removed) and prints one JSON line per GEMM size with the ratio, then one for the mix.
+// Sizes: square GEMMs and the demo DiT's FFN shape.
 //
 //   bench_blas            # both measurements and the ratios
 //   bench_blas --single   # this process only (what the parent calls)

@@ -55,10 +55,6 @@ int openblas_parallel_kind() {
   static Fn fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
   return fn ? fn() : -1;
 }
-std::string lower(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  return s;
-}
 }  // namespace
 
 void configure_blas(char** argv) {
@@ -67,12 +63,13 @@ void configure_blas(char** argv) {
   if (!core) return;
   bool changed = false;
   if (!std::getenv("OPENBLAS_CORETYPE")) {
+    const char* target = nullptr;
+#if defined(__x86_64__) || defined(__i386__)
     // OpenBLAS's fallbacks when it does not know the CPU model; a known core is left alone.
     static const char* const generic[] = {"prescott", "core2",  "nehalem", "katmai",
                                           "coppermine", "northwood", "banias", "unknown"};
-    const std::string name = lower(core);
-    const char* target = nullptr;
-#if defined(__x86_64__) || defined(__i386__)
+    std::string name = core;
+    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
     if (std::any_of(std::begin(generic), std::end(generic), [&](const char* g) { return name == g; })) {
       __builtin_cpu_init();
       if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -32,7 +32,7 @@ void set_threads(int n);
 // OpenBLAS (LibTorch's f32 GEMM on Debian) fixes two things when it loads, from the environment:
 // - its kernels. Version 0.3.21 does not recognise some current Xeons (virtual machines report a
 //   generic model) and falls back to its Prescott kernels: on this project's 2-core machine a
-//   2048^2 GEMM runs at 62 GFLOP/s instead of 306 with the SkylakeX ones (bench_blas);
+//   2048^2 GEMM runs at 61 GFLOP/s instead of 302 with the SkylakeX ones (bench_blas);
 // - how long its worker threads spin after a GEMM (2^28 cycles by default). They spin while
 //   LibTorch's OpenMP threads run the elementwise work between GEMMs, on the same cores: the demo
 //   model's 30 sampling steps took 11.9 s, and 6.8 s with OPENBLAS_THREAD_TIMEOUT=4 (16 cycles).

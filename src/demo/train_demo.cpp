@@ -497,9 +497,7 @@ WanVAEConfig unnormalised(WanVAEConfig c) {
   c.latent_std.assign(static_cast<std::size_t>(c.z_dim), 1.f);
   return c;
 }
-}  // namespace
 
-namespace {
 // Pixels of clips [B, 3, F, H, W] that differ from the background: the object, [B, 1, F, H, W] f32.
 at::Tensor object_mask(const at::Tensor& video) {
   return ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat);
@@ -802,7 +800,8 @@ DiTStepResult DiTTrainer::step() {
     cap[i] = pool_caption_[idx[i]];
     dropped[i] = coin(data_rng_) < config_.caption_dropout;
   }
-  const at::Tensor x0 = pool_.index_select(0, at::tensor(idx));
+  const at::Tensor index = at::tensor(idx);
+  const at::Tensor x0 = pool_.index_select(0, index);
   const at::Tensor eps = at::randn(x0.sizes(), noise_gen_, x0.options());
   // sigma = shift*u / (1 + (shift-1) u), u uniform: the density of the sampler's shifted schedule
   // at inference, so training effort goes where sampling spends its steps (high noise).
@@ -823,7 +822,6 @@ DiTStepResult DiTTrainer::step() {
     WanTextCondition cond = dit_->encode_text(ctx);
     pred = dit_->forward(xt, t, cond);
   }
-  const at::Tensor index = at::tensor(idx);
   const at::Tensor loss = dit_flow_loss(pred.to(at::kFloat), target, pool_mask_.index_select(0, index).to(at::kFloat),
                                         config_.dit_object_weight);
   optimizer_->zero_grad();
