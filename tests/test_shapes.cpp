@@ -66,7 +66,7 @@ JudgeSummary judge_random(int count, std::int64_t frames, std::int64_t width, st
     const ClipLayout layout = random_layout(caption, width, height, rng);
     const Judgement j = judge_clip(distort(render_clip(caption, layout, frames, width, height)));
     summary.add(caption, j);
-    if (!(j.ok && j.colour == caption.colour && j.shape == caption.shape && j.motion == caption.motion && j.objects == 1)) {
+    if (!(j.ok && j.colour == caption.colour && j.colour_steady && j.shape == caption.shape && j.motion == caption.motion && j.objects == 1)) {
       UNSCOPED_INFO("misjudged " << caption.text() << " (size " << layout.size << ", d " << layout.dx << "," << layout.dy
                                  << ") as ok=" << j.ok << " objects=" << j.objects << " " << colour_name(j.colour) << " "
                                  << shape_name(j.shape) << " " << motion_name(j.motion) << " disp " << j.displacement_x
@@ -270,6 +270,26 @@ TEST_CASE("the judge: one frame, displacements, two objects, nothing, bad input"
       CHECK(j.displacement_y == Approx(l.dy / 64).margin(0.01));
     }
   }
+  SECTION("an object that changes colour between frames is judged wrong on colour") {
+    const Caption red{Colour::Red, Shape::Circle, Motion::Right}, purple{Colour::Purple, Shape::Circle, Motion::Right};
+    const ClipLayout l{9, 10, 12, 30, 0};
+    const at::Tensor vr = render_clip(red, l, 9, 64, 64), vp = render_clip(purple, l, 9, 64, 64);
+    const at::Tensor mixed = at::cat({vr.slice(1, 0, 6), vp.slice(1, 6, 9)}, 1);
+    const Judgement steady = judge_clip(vr), changing = judge_clip(mixed);
+    CHECK(steady.colour_steady);
+    CHECK(changing.ok);
+    CHECK(changing.colour == Colour::Red);  // the clip's median colour
+    CHECK_FALSE(changing.colour_steady);
+    CHECK(changing.shape == Shape::Circle);
+    CHECK(changing.motion == Motion::Right);
+    JudgeSummary s;
+    s.add(red, changing);
+    s.add(red, steady);
+    CHECK(s.colour_right == 1);
+    CHECK(s.colour_unsteady == 1);
+    CHECK(s.all_right == 1);
+    CHECK(s.shape_right == 2);
+  }
   SECTION("two objects are counted") {
     const Caption a{Colour::Red, Shape::Circle, Motion::Right}, b{Colour::Blue, Shape::Square, Motion::Still};
     const at::Tensor va = render_clip(a, ClipLayout{9, 10, 12, 30, 0}, 9, 64, 64);
@@ -317,6 +337,7 @@ TEST_CASE("JudgeSummary counts and reports with names", "[shapes]") {
   right.ok = true;
   right.objects = 1;
   right.colour = Colour::Green;
+  right.colour_steady = true;
   right.shape = Shape::Triangle;
   right.motion = Motion::Left;
   const Caption truth{Colour::Green, Shape::Triangle, Motion::Left};

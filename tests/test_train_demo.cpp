@@ -245,7 +245,18 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
     std::ifstream in(dir / "transformer" / "config.json");
     CHECK(nlohmann::json::parse(in)["_class_name"] == "WanTransformer3DModel");
   }
-  CHECK(fs::exists(dir / "vdit-demo.json"));
+  {
+    // Sampling defaults: the sampling shift, not the training one.
+    std::ifstream in(dir / "vdit-demo.json");
+    const auto demo = nlohmann::json::parse(in);
+    CHECK(demo["shift"].get<double>() == Approx(c.sample_shift));
+    CHECK(demo["steps"] == c.sample_steps);
+    CHECK(c.sample_shift != Approx(c.flow_shift));
+  }
+  {
+    std::ifstream in(dir / "scheduler" / "scheduler_config.json");
+    CHECK(nlohmann::json::parse(in)["flow_shift"].get<double>() == Approx(c.flow_shift));
+  }
   CHECK(fs::exists(dir / "train-state" / "dit.pt"));
 
   WanT2VPipeline pipeline(files, WanT2VOptions{});
@@ -376,6 +387,8 @@ TEST_CASE("train-demo: the VAE training window keeps the first frames and the wh
   // Bad values are refused when the config is read.
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_frames", 4}}), vdit::InputError);
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_crop", 40}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"sample_shift", 0.0}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"flow_shift", -1.0}}), vdit::InputError);
 }
 
 TEST_CASE("train-demo: the object-weighted flow loss is MSE at weight 0 and a weighted mean otherwise", "[train]") {

@@ -74,6 +74,7 @@ void apply_model_defaults(const std::string& dir, const CLI::App& cmd, EvalOptio
 std::string judged_text(const Judgement& j) {
   if (!j.ok) return "no object";
   std::string out = std::string(colour_name(j.colour)) + " " + shape_name(j.shape) + " " + motion_name(j.motion);
+  if (!j.colour_steady) out += " (colour changes)";
   if (j.objects > 1) out += " (" + std::to_string(j.objects) + " objects)";
   return out;
 }
@@ -83,7 +84,7 @@ std::string verdict(const Caption& truth, const Judgement& j) {
   if (!j.ok) return "MISS";
   std::string wrong;
   const auto add = [&](const char* what) { wrong += (wrong.empty() ? "" : ",") + std::string(what); };
-  if (j.colour != truth.colour) add("colour");
+  if (j.colour != truth.colour || !j.colour_steady) add("colour");
   if (j.shape != truth.shape) add("shape");
   if (j.motion != truth.motion) add("motion");
   return wrong.empty() ? "ok" : "WRONG " + wrong;
@@ -215,6 +216,11 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         std::ostringstream g;
         g << o.guidance;
         metadata["guidance"] = g.str();
+        if (o.shift != 0) {
+          std::ostringstream sh;
+          sh << o.shift;
+          metadata["shift"] = sh.str();
+        }
         metadata["model"] = model_dir;
       }
       write_contact_sheet(video, (fs::path(o.save_dir) / sheet_name(i)).string(), metadata, 0, o.overwrite);
@@ -235,6 +241,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                         {"all", summary.accuracy(summary.all_right)},
                         {"multi_object", summary.multi_object},
                         {"no_object", summary.no_object},
+                        {"colour_unsteady", summary.colour_unsteady},
                         {"seed", o.seed},
                         {"size", std::to_string(width) + "x" + std::to_string(height)},
                         {"frames", o.frames},
@@ -244,6 +251,8 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
       j["steps"] = o.steps;
       j["guidance"] = o.guidance;
       j["sampler"] = o.sampler;
+      // null: the scheduler config's flow_shift.
+      j["shift"] = o.shift != 0 ? nlohmann::json(o.shift) : nlohmann::json(nullptr);
     }
     std::cout << j.dump() << std::endl;
   } else {

@@ -377,6 +377,33 @@ ClipBatch random_batch(std::int64_t batch, std::int64_t frames, std::int64_t wid
   return out;
 }
 
+// Nearest palette entry, where each entry stands for the segment from "partly covered" to
+// "fully covered" (background blended with the colour at kMinCoverage..1): a small or blurred
+// object's core is still mixed with the background, and plain nearest-colour would then take a
+// dimmed white for purple (the palette's closest entry to mid-grey).
+namespace {
+Colour nearest_colour(const RGB& observed) {
+  double best = 1e30;
+  Colour nearest = Colour::Red;
+  for (int c = 0; c < kColours; ++c) {
+    double dot = 0, norm = 0;
+    for (int k = 0; k < 3; ++k) {
+      const double dir = kPalette[c][k] - kBackground[k];
+      dot += (observed[k] - kBackground[k]) * dir;
+      norm += dir * dir;
+    }
+    const double coverage = std::clamp(dot / norm, kMinCoverage, 1.0);
+    double d = 0;
+    for (int k = 0; k < 3; ++k) {
+      const double e = observed[k] - (kBackground[k] + coverage * (kPalette[c][k] - kBackground[k]));
+      d += e * e;
+    }
+    if (d < best) best = d, nearest = static_cast<Colour>(c);
+  }
+  return nearest;
+}
+}  // namespace
+
 Judgement judge_clip(const at::Tensor& video) {
   if (video.dim() != 4 || video.size(0) != 3 || video.size(1) < 1 || video.size(2) < 1 || video.size(3) < 1) {
     std::ostringstream msg;
@@ -436,8 +463,11 @@ Judgement judge_clip(const at::Tensor& video) {
 
   // Colour: per-channel median over the components' cores (pixels whose 4 neighbours are all in
   // the component), so anti-aliased or blurred edges, which mix in the background, do not pull
-  // the estimate; tiny components with no core use all their pixels.
+  // the estimate; tiny components with no core use all their pixels. Per frame too: an object
+  // whose colour changes within the clip does not have the caption's colour, whatever its median.
   std::vector<float> reds, greens, blues;
+  std::vector<float> frame_r, frame_g, frame_b;
+  std::vector<Colour> frame_colours;
   std::vector<std::uint8_t> in_comp(static_cast<std::size_t>(plane));
   for (std::int64_t f = 0; f < frames; ++f) {
     const FrameAnalysis& a = analysis[f];
@@ -445,13 +475,22 @@ Judgement judge_clip(const at::Tensor& video) {
     std::fill(in_comp.begin(), in_comp.end(), 0);
     for (std::int32_t p : a.main.pixels) in_comp[p] = 1;
     const FrameView v = view(f);
+    frame_r.clear(), frame_g.clear(), frame_b.clear();
     for (std::int32_t p : a.main.pixels) {
       const std::int64_t i = p / width, jx = p % width;
       const bool core = i > 0 && i + 1 < height && jx > 0 && jx + 1 < width && in_comp[p - width] && in_comp[p + width] &&
                         in_comp[p - 1] && in_comp[p + 1];
       if (!core) continue;
-      reds.push_back(v.r[p]), greens.push_back(v.g[p]), blues.push_back(v.b[p]);
+      frame_r.push_back(v.r[p]), frame_g.push_back(v.g[p]), frame_b.push_back(v.b[p]);
     }
+    if (frame_r.empty()) {
+      for (std::int32_t p : a.main.pixels) frame_r.push_back(v.r[p]), frame_g.push_back(v.g[p]), frame_b.push_back(v.b[p]);
+    } else {
+      reds.insert(reds.end(), frame_r.begin(), frame_r.end());
+      greens.insert(greens.end(), frame_g.begin(), frame_g.end());
+      blues.insert(blues.end(), frame_b.begin(), frame_b.end());
+    }
+    frame_colours.push_back(nearest_colour({median(frame_r), median(frame_g), median(frame_b)}));
   }
   if (reds.empty()) {
     for (std::int64_t f = 0; f < frames; ++f) {
@@ -461,26 +500,8 @@ Judgement judge_clip(const at::Tensor& video) {
     }
   }
   const RGB observed{median(reds), median(greens), median(blues)};
-  // Nearest palette entry, where each entry stands for the segment from "partly covered" to
-  // "fully covered" (background blended with the colour at kMinCoverage..1): a small or blurred
-  // object's core is still mixed with the background, and plain nearest-colour would then take a
-  // dimmed white for purple (the palette's closest entry to mid-grey).
-  double best = 1e30;
-  for (int c = 0; c < kColours; ++c) {
-    double dot = 0, norm = 0;
-    for (int k = 0; k < 3; ++k) {
-      const double dir = kPalette[c][k] - kBackground[k];
-      dot += (observed[k] - kBackground[k]) * dir;
-      norm += dir * dir;
-    }
-    const double coverage = std::clamp(dot / norm, kMinCoverage, 1.0);
-    double d = 0;
-    for (int k = 0; k < 3; ++k) {
-      const double e = observed[k] - (kBackground[k] + coverage * (kPalette[c][k] - kBackground[k]));
-      d += e * e;
-    }
-    if (d < best) best = d, j.colour = static_cast<Colour>(c);
-  }
+  j.colour = nearest_colour(observed);
+  j.colour_steady = std::all_of(frame_colours.begin(), frame_colours.end(), [&](Colour c) { return c == j.colour; });
   // Geometry is measured against the colour actually seen, so a model whose colours drift still
   // gets coverage ~1 inside its objects.
   const RGB& object = observed;
@@ -538,7 +559,8 @@ void JudgeSummary::add(const Caption& truth, const Judgement& judged) {
     ++no_object;
     return;
   }
-  const bool colour = judged.colour == truth.colour, shape = judged.shape == truth.shape,
+  colour_unsteady += !judged.colour_steady;
+  const bool colour = judged.colour == truth.colour && judged.colour_steady, shape = judged.shape == truth.shape,
              motion = judged.motion == truth.motion;
   colour_right += colour, shape_right += shape, motion_right += motion, all_right += colour && shape && motion;
   ++confusion[0][static_cast<int>(truth.colour)][static_cast<int>(judged.colour)];
@@ -561,6 +583,7 @@ std::string JudgeSummary::report() const {
   line("all three", all_right);
   out << "multi-object clips: " << multi_object << "\n";
   out << "clips with no object found: " << no_object << "\n";
+  out << "clips whose object changes colour (colour counted wrong): " << colour_unsteady << "\n";
 
   const auto table = [&](const char* title, int attribute, int n, const char* (*name)(int)) {
     out << "\n" << title << " (rows: caption, columns: judged)\n";

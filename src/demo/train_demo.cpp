@@ -350,6 +350,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("bf16_autocast", c.bf16_autocast);
   get("sample_steps", c.sample_steps);
   get("sample_guidance", c.sample_guidance);
+  get("sample_shift", c.sample_shift);
   get("checkpoint_minutes", c.checkpoint_minutes);
   get("seed", c.seed);
   c.vae.validate();
@@ -364,6 +365,8 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
   if (c.pool_size < 1) throw InputError("demo training config: pool_size must be >= 1");
   if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
+  if (!(c.flow_shift > 0) || !(c.sample_shift > 0))
+    throw InputError("demo training config: flow_shift and sample_shift must be > 0");
   return c;
 }
 
@@ -421,6 +424,7 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["bf16_autocast"] = bf16_autocast;
   j["sample_steps"] = sample_steps;
   j["sample_guidance"] = sample_guidance;
+  j["sample_shift"] = sample_shift;
   j["checkpoint_minutes"] = checkpoint_minutes;
   j["seed"] = seed;
   return j;
@@ -933,7 +937,7 @@ void write_pipeline_files(const fs::path& dir, const DemoTrainConfig& config) {
                                {"fps", config.fps},
                                {"steps", config.sample_steps},
                                {"guidance", config.sample_guidance},
-                               {"shift", config.flow_shift},
+                               {"shift", config.sample_shift},
                                {"sampler", "unipc"},
                                {"negative_prompt", ""},
                                {"_training", config.to_json()}};

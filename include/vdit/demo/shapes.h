@@ -85,13 +85,15 @@ struct Judgement {
   bool ok = false;            // an object was found
   int objects = 0;            // connected foreground components of meaningful size (median over frames)
   Colour colour = Colour::Red;
+  bool colour_steady = false;  // every frame's object has `colour` (a colour change is judged wrong)
   Shape shape = Shape::Circle;
   Motion motion = Motion::Still;
   float displacement_x = 0, displacement_y = 0;  // centroid track, first to last frame, in frame sides
 };
 
 // Scores a clip [3, F, H, W] in [-1, 1] from its pixels: foreground = pixels far from the
-// background colour; colour = nearest palette entry to the foreground's median colour; shape from
+// background colour; colour = nearest palette entry to the foreground's median colour, right only
+// when every frame's own nearest entry agrees (colour_steady); shape from
 // the foreground's fill ratio and vertical profile per frame (majority vote); motion from the
 // centroid track (still when the displacement is under a threshold). One frame: motion is Still.
 // Works for any frame size; sizes other than [3, F, H, W] -> InputError.
@@ -101,6 +103,7 @@ struct JudgeSummary {
   int clips = 0;
   int colour_right = 0, shape_right = 0, motion_right = 0, all_right = 0, multi_object = 0;
   int no_object = 0;  // clips where judge_clip found no object (ok == false): wrong on every attribute
+  int colour_unsteady = 0;  // clips whose object changes colour between frames (colour counted wrong)
   // confusion[attribute][truth][judged]; attribute 0 colour (6x6), 1 shape (3x3), 2 motion (5x5)
   std::vector<std::vector<std::vector<int>>> confusion;
   JudgeSummary();
