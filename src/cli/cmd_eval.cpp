@@ -213,14 +213,13 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         metadata["seed"] = std::to_string(clip_seed);
         metadata["steps"] = std::to_string(o.steps);
         metadata["sampler"] = o.sampler;
-        std::ostringstream g;
-        g << o.guidance;
-        metadata["guidance"] = g.str();
-        if (o.shift != 0) {
-          std::ostringstream sh;
-          sh << o.shift;
-          metadata["shift"] = sh.str();
-        }
+        const auto text = [](double v) {
+          std::ostringstream s;
+          s << v;
+          return s.str();
+        };
+        metadata["guidance"] = text(o.guidance);
+        if (o.shift != 0) metadata["shift"] = text(o.shift);
         metadata["model"] = model_dir;
       }
       write_contact_sheet(video, (fs::path(o.save_dir) / sheet_name(i)).string(), metadata, 0, o.overwrite);
