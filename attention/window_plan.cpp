@@ -125,23 +125,18 @@ constexpr double kRowOverhead = 48.0;
 std::shared_ptr<const WindowPlan> build_plan(const Grid3& grid, const Window3& window, std::int64_t max_queries,
                                              std::int64_t max_keys) {
   const std::int64_t n[3] = {grid.t, grid.h, grid.w};
-  // Per axis: the candidate extents and their (spent, visible) sums.
+  // Per axis: the candidate extents (1..64, and the whole axis) and the keys each tiling spends.
   struct Candidate {
     std::int64_t extent;
     double spent;
   };
   std::vector<Candidate> cands[3];
-  double visible[3] = {0, 0, 0};
   for (int a = 0; a < 3; ++a) {
     const bool full = axis_full(n[a], window.size[a]);
     const std::int64_t step = full ? 1 : window.dilation[a];
     const std::int64_t longest = (n[a] + step - 1) / step;
-    const std::int64_t top = std::min<std::int64_t>(longest, std::max<std::int64_t>(64, 1));
-    for (std::int64_t e = 1; e <= top; ++e) {
-      const AxisTiling t = tile_axis(n[a], window.size[a], window.dilation[a], e);
-      cands[a].push_back({e, t.spent});
-      visible[a] = t.visible;
-    }
+    const std::int64_t top = std::min<std::int64_t>(longest, 64);
+    for (std::int64_t e = 1; e <= top; ++e) cands[a].push_back({e, tile_axis(n[a], window.size[a], window.dilation[a], e).spent});
     if (longest > top) cands[a].push_back({longest, tile_axis(n[a], window.size[a], window.dilation[a], longest).spent});
   }
   double best = std::numeric_limits<double>::infinity();
@@ -178,7 +173,6 @@ std::shared_ptr<const WindowPlan> build_plan(const Grid3& grid, const Window3& w
   }
   plan->max_box_queries = qmax;
   plan->max_chunk_keys = max_keys;
-  (void)visible;
   return plan;
 }
 

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <numeric>
 
 namespace fs = std::filesystem;
@@ -56,6 +57,7 @@ DemoTrainConfig micro_config() {
   c.pool_size = 32;
   c.pool_refresh = 1;
   c.vae_stats_clips = 8;
+  c.vae_decoder_minutes = 0;  // no decoder phase unless a test asks for one
   return c;
 }
 
@@ -131,6 +133,56 @@ TEST_CASE("train-demo: VAE training lowers the reconstruction error and resumes 
   for (int i = 0; i < 2; ++i) resumed.step();
   CHECK(resumed.steps_done() == 4);
   CHECK(same_parameters(*straight.vae(), *resumed.vae()));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train-demo: the VAE decoder phase trains only the decoder and resumes bit-exactly", "[train]") {
+  const DemoTrainConfig c = micro_config();
+  const fs::path dir = temp_dir("vaedec");
+  VAETrainer a(c, 3);
+  for (int i = 0; i < 2; ++i) a.step();
+  a.save_state((dir / "first.pt").string());
+  std::map<std::string, at::Tensor> before;
+  for (const auto& p : a.vae()->named_parameters()) before[p.key()] = p.value().detach().clone();
+  a.start_decoder_phase();
+  CHECK(a.decoder_phase());
+  CHECK(a.steps_done() == 0);
+  for (int i = 0; i < 3; ++i) a.step();
+  int frozen_same = 0, frozen = 0, trained_moved = 0, trained = 0;
+  for (const auto& p : a.vae()->named_parameters()) {
+    const bool is_frozen = p.key().rfind("encoder.", 0) == 0 || p.key().rfind("conv1.", 0) == 0;
+    const bool same = at::equal(p.value(), before[p.key()]);
+    if (is_frozen) {
+      ++frozen;
+      frozen_same += same;
+    } else {
+      ++trained;
+      trained_moved += !same;
+    }
+  }
+  CHECK(frozen > 0);
+  CHECK(frozen_same == frozen);  // the encoder, and so the latent space, is untouched
+  CHECK(trained > 0);
+  CHECK(trained_moved > trained / 2);  // (a few parameters, e.g. unused biases, may get no gradient)
+
+  // Resume: a decoder-phase state continues exactly; a state of the other phase is refused.
+  a.save_state((dir / "decoder.pt").string());
+  VAETrainer resumed(c, 3), wrong_phase(c, 3);
+  CHECK_THROWS_AS(wrong_phase.load_state((dir / "decoder.pt").string()), vdit::InputError);
+  resumed.start_decoder_phase();
+  CHECK_THROWS_AS(resumed.load_state((dir / "first.pt").string()), vdit::InputError);
+  resumed.load_state((dir / "decoder.pt").string());
+  CHECK(resumed.steps_done() == 3);
+  for (int i = 0; i < 2; ++i) {
+    a.step();
+    resumed.step();
+  }
+  CHECK(same_parameters(*a.vae(), *resumed.vae()));
+
+  // load_weights takes only the weights: a fresh trainer starts the decoder phase from them.
+  VAETrainer from_weights(c, 3);
+  from_weights.load_weights((dir / "first.pt").string());
+  for (const auto& p : from_weights.vae()->named_parameters()) CHECK(at::equal(p.value(), before[p.key()]));
   fs::remove_all(dir);
 }
 
@@ -224,6 +276,7 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   const fs::path dir = temp_dir("e2e");
   DemoTrainConfig c = micro_config();
   c.vae_steps = 2;
+  c.vae_decoder_steps = 2;
   c.dit_steps = 2;
   c.pool_size = 16;
   DemoTrainOptions o;
@@ -258,6 +311,8 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
     CHECK(nlohmann::json::parse(in)["flow_shift"].get<double>() == Approx(c.flow_shift));
   }
   CHECK(fs::exists(dir / "train-state" / "dit.pt"));
+  CHECK(fs::exists(dir / "train-state" / "vae.pt"));
+  CHECK(fs::exists(dir / "train-state" / "vae-decoder.pt"));
 
   WanT2VPipeline pipeline(files, WanT2VOptions{});
   T2VSettings s;
@@ -387,6 +442,10 @@ TEST_CASE("train-demo: the VAE training window keeps the first frames and the wh
   // Bad values are refused when the config is read.
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_frames", 4}}), vdit::InputError);
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_crop", 40}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_decoder_frames", 4}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_decoder_frames", 13}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_decoder_minutes", -1.0}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_decoder_lr", 0.0}}), vdit::InputError);
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"sample_shift", 0.0}}), vdit::InputError);
   CHECK_THROWS_AS(DemoTrainConfig::from_json({{"flow_shift", -1.0}}), vdit::InputError);
 }

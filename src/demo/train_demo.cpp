@@ -330,6 +330,10 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("vae_edge_margin", c.vae_edge_margin);
   get("vae_frames", c.vae_frames);
   get("vae_crop", c.vae_crop);
+  get("vae_decoder_steps", c.vae_decoder_steps);
+  get("vae_decoder_minutes", c.vae_decoder_minutes);
+  get("vae_decoder_lr", c.vae_decoder_lr);
+  get("vae_decoder_frames", c.vae_decoder_frames);
   get("vae_object_mse_weight", c.vae_object_mse_weight);
   get("vae_colour_weight", c.vae_colour_weight);
   get("vae_validate_every", c.vae_validate_every);
@@ -360,6 +364,11 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.width % 16 != 0 || c.height % 16 != 0) throw InputError("demo training config: width and height must be multiples of 16");
   if (c.vae_frames < 0 || c.vae_frames > c.frames || (c.vae_frames > 0 && (c.vae_frames - 1) % 4 != 0))
     throw InputError("demo training config: vae_frames must be 0 or 4n+1 and at most frames");
+  if (c.vae_decoder_frames < 0 || c.vae_decoder_frames > c.frames ||
+      (c.vae_decoder_frames > 0 && (c.vae_decoder_frames - 1) % 4 != 0))
+    throw InputError("demo training config: vae_decoder_frames must be 0 or 4n+1 and at most frames");
+  if (c.vae_decoder_steps < 0 || c.vae_decoder_minutes < 0 || !(c.vae_decoder_lr > 0))
+    throw InputError("demo training config: vae_decoder_steps and vae_decoder_minutes must be >= 0, vae_decoder_lr > 0");
   if (c.vae_crop < 0 || c.vae_crop % 16 != 0 || c.vae_crop > std::min(c.width, c.height))
     throw InputError("demo training config: vae_crop must be 0 or a multiple of 16 no larger than the frame");
   if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
@@ -404,6 +413,10 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["vae_edge_margin"] = vae_edge_margin;
   j["vae_frames"] = vae_frames;
   j["vae_crop"] = vae_crop;
+  j["vae_decoder_steps"] = vae_decoder_steps;
+  j["vae_decoder_minutes"] = vae_decoder_minutes;
+  j["vae_decoder_lr"] = vae_decoder_lr;
+  j["vae_decoder_frames"] = vae_decoder_frames;
   j["vae_object_mse_weight"] = vae_object_mse_weight;
   j["vae_colour_weight"] = vae_colour_weight;
   j["vae_validate_every"] = vae_validate_every;
@@ -590,21 +603,50 @@ VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed)
       vae_->parameters(), torch::optim::AdamWOptions(config.vae_lr).betas({0.9, 0.99}).weight_decay(0.0));
 }
 
+void VAETrainer::start_decoder_phase() {
+  if (decoder_phase_) return;
+  decoder_phase_ = true;
+  std::vector<at::Tensor> trained;
+  for (auto& item : vae_->named_parameters()) {
+    const bool frozen = item.key().rfind("encoder.", 0) == 0 || item.key().rfind("conv1.", 0) == 0;
+    item.value().set_requires_grad(!frozen);
+    if (!frozen) trained.push_back(item.value());
+  }
+  optimizer_ = std::make_unique<torch::optim::AdamW>(
+      trained, torch::optim::AdamWOptions(config_.vae_decoder_lr).betas({0.9, 0.99}).weight_decay(0.0));
+  step_ = 0;
+}
+
 VAEStepResult VAETrainer::step(double lr_scale) {
-  set_lr(*optimizer_, config_.vae_lr * lr_scale);
+  set_lr(*optimizer_, (decoder_phase_ ? config_.vae_decoder_lr : config_.vae_lr) * lr_scale);
   auto batch = shapes::random_batch(config_.vae_batch, config_.frames, config_.width, config_.height, data_rng_);
-  const at::Tensor video = vae_training_window(batch.video, config_, data_rng_);
-  auto [mu, logvar] = vae_->encode_moments(video);
+  DemoTrainConfig window = config_;
+  if (decoder_phase_) window.vae_frames = config_.vae_decoder_frames;
+  const at::Tensor video = vae_training_window(batch.video, window, data_rng_);
+  at::Tensor mu, logvar;
+  if (decoder_phase_) {
+    // The frozen encoder needs no graph: the decoder phase's backward stops at the latent.
+    torch::NoGradGuard no_grad;
+    std::tie(mu, logvar) = vae_->encode_moments(video);
+  } else {
+    std::tie(mu, logvar) = vae_->encode_moments(video);
+  }
   logvar = logvar.clamp(-30.0, 20.0);
   const at::Tensor eps = at::randn(mu.sizes(), noise_gen_, mu.options());
   const at::Tensor z = mu + at::exp(0.5 * logvar) * eps;
   const at::Tensor recon = vae_->decode_unclamped(z);
   const at::Tensor recon_loss = vae_reconstruction_loss(recon, video, config_);
   const at::Tensor kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean();
-  const at::Tensor loss = recon_loss + config_.vae_kl_weight * kl;
+  // The KL term has no gradient in the decoder phase (the encoder is frozen); it is still reported.
+  const at::Tensor loss = decoder_phase_ ? recon_loss : recon_loss + config_.vae_kl_weight * kl;
   optimizer_->zero_grad();
   loss.backward();
-  if (config_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(vae_->parameters(), config_.grad_clip);
+  if (config_.grad_clip > 0) {
+    std::vector<at::Tensor> trained;
+    for (const auto& p : vae_->parameters())
+      if (p.requires_grad()) trained.push_back(p);
+    torch::nn::utils::clip_grad_norm_(trained, config_.grad_clip);
+  }
   optimizer_->step();
   ++step_;
   VAEStepResult r;
@@ -621,6 +663,7 @@ void VAETrainer::save_state(const std::string& path) const {
   ar.write("model", model);
   ar.write("optim", optim);
   ar.write("step", at::tensor(step_));
+  ar.write("decoder_phase", at::tensor(static_cast<std::int64_t>(decoder_phase_)));
   write_rng(ar, data_rng_, noise_gen_);
   save_archive(ar, path);
 }
@@ -628,12 +671,25 @@ void VAETrainer::save_state(const std::string& path) const {
 void VAETrainer::load_state(const std::string& path) {
   torch::serialize::InputArchive ar, model, optim;
   ar.load_from(path);
+  // States written before the decoder phase existed have no flag: they are first-phase states.
+  at::Tensor flag;
+  const bool saved_decoder_phase = ar.try_read("decoder_phase", flag) && flag.item<std::int64_t>() != 0;
+  if (saved_decoder_phase != decoder_phase_)
+    throw InputError(path + ": a " + (saved_decoder_phase ? "decoder-phase" : "first-phase") +
+                     " VAE training state cannot resume the " + (decoder_phase_ ? "decoder phase" : "first phase"));
   ar.read("model", model);
   ar.read("optim", optim);
   vae_->load(model);
   optimizer_->load(optim);
   step_ = read_int(ar, "step");
   read_rng(ar, data_rng_, noise_gen_);
+}
+
+void VAETrainer::load_weights(const std::string& path) {
+  torch::serialize::InputArchive ar, model;
+  ar.load_from(path);
+  ar.read("model", model);
+  vae_->load(model);
 }
 
 shapes::JudgeSummary judge_round_trip(WanVAE& vae, const DemoTrainConfig& config, std::int64_t clips, std::uint64_t seed) {
@@ -1004,42 +1060,83 @@ std::string round_trip_line(WanVAE& vae, const DemoTrainConfig& config) {
          pct(s.all_right) + " (" + std::to_string(s.clips) + " clips, " + std::to_string(s.no_object) + " without object)";
 }
 
-void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& options) {
-  const fs::path root(options.out_dir), state_dir = root / "train-state";
-  const std::string state = (state_dir / "vae.pt").string();
-  VAETrainer trainer(config, config.seed * 1000 + 1);
-  double elapsed = 0;
-  if (options.resume && fs::exists(state)) {
-    trainer.load_state(state);
-    std::ifstream in(state_dir / "vae.elapsed");
-    if (in) in >> elapsed;
-    log_info("vae: resuming at step " + std::to_string(trainer.steps_done()));
-  }
-  const Budget budget{config.vae_steps, config.vae_minutes};
-  // The elapsed time rides along so a minutes budget counts over resumed runs.
-  auto save = [&] {
-    trainer.save_state(state);
-    std::ofstream(state_dir / "vae.elapsed") << std::setprecision(17) << elapsed;
-  };
-  const double avg = run_budget("vae", "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
-                                [&] {
-                                  // Warm-up over 100 steps, then a cosine from vae_lr to a tenth of it over the
-                                  // budget (steps or minutes): the last steps refine instead of jittering.
-                                  const double done = static_cast<double>(budget.progress(trainer.steps_done(), elapsed)) /
-                                                      static_cast<double>(std::max<std::int64_t>(1, budget.total()));
-                                  const double warm = std::min(1.0, (trainer.steps_done() + 1) / 100.0);
-                                  const double cosine = 0.1 + 0.45 * (1.0 + std::cos(M_PI * std::min(1.0, done)));
-                                  const VAEStepResult r = trainer.step(warm * cosine);
-                                  if (config.vae_validate_every > 0 && trainer.steps_done() % config.vae_validate_every == 0)
-                                    log_info("vae: step " + std::to_string(trainer.steps_done()) + " round trip " +
-                                             round_trip_line(trainer.vae(), config));
-                                  return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
-                                },
-                                save);
-  log_info("vae: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
-  log_info("vae: final round trip " + round_trip_line(trainer.vae(), config));
+// Warm-up over warmup steps, then a cosine from 1 to 0.1 over the budget (steps or minutes): the
+// last steps refine instead of jittering.
+double warmup_cosine(const Budget& budget, std::int64_t step, double elapsed, std::int64_t warmup) {
+  const double done = static_cast<double>(budget.progress(step, elapsed)) /
+                      static_cast<double>(std::max<std::int64_t>(1, budget.total()));
+  const double warm = std::min(1.0, (step + 1) / static_cast<double>(warmup));
+  return warm * (0.1 + 0.45 * (1.0 + std::cos(M_PI * std::min(1.0, done))));
+}
 
-  // Normalise the latent: measure, fold into the 1x1x1 convolutions, write the final VAE.
+// The first phase (windowed, whole VAE) and the decoder phase (frozen encoder, whole clips); the
+// "vae-decoder" stage runs only the latter, from the first phase's final state.
+void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& options, bool decoder_only) {
+  const fs::path root(options.out_dir), state_dir = root / "train-state";
+  const std::string state = (state_dir / "vae.pt").string(), decoder_state = (state_dir / "vae-decoder.pt").string();
+  const bool decoder_phase = config.vae_decoder_steps > 0 || config.vae_decoder_minutes > 0;
+  if (decoder_only && !decoder_phase)
+    throw InputError("train-demo: the vae-decoder stage needs vae_decoder_steps or vae_decoder_minutes above 0");
+  const bool resume_decoder = options.resume && decoder_phase && fs::exists(decoder_state);
+  VAETrainer trainer(config, config.seed * 1000 + 1);
+  auto step_line = [&](const VAEStepResult& r) {
+    if (config.vae_validate_every > 0 && trainer.steps_done() % config.vae_validate_every == 0)
+      log_info(std::string(trainer.decoder_phase() ? "vae decoder" : "vae") + ": step " +
+               std::to_string(trainer.steps_done()) + " round trip " + round_trip_line(trainer.vae(), config));
+    return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
+  };
+
+  if (!decoder_only && !resume_decoder) {
+    double elapsed = 0;
+    if (options.resume && fs::exists(state)) {
+      trainer.load_state(state);
+      std::ifstream in(state_dir / "vae.elapsed");
+      if (in) in >> elapsed;
+      log_info("vae: resuming at step " + std::to_string(trainer.steps_done()));
+    }
+    const Budget budget{config.vae_steps, config.vae_minutes};
+    // The elapsed time rides along so a minutes budget counts over resumed runs.
+    auto save = [&] {
+      trainer.save_state(state);
+      std::ofstream(state_dir / "vae.elapsed") << std::setprecision(17) << elapsed;
+    };
+    const double avg = run_budget("vae", "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
+                                  [&] {
+                                    return step_line(trainer.step(warmup_cosine(budget, trainer.steps_done(), elapsed, 100)));
+                                  },
+                                  save);
+    log_info("vae: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
+    log_info("vae: round trip " + round_trip_line(trainer.vae(), config));
+  } else if (!resume_decoder) {
+    if (!fs::exists(state)) throw InputError(state + " is missing: run the vae stage first");
+    trainer.load_weights(state);
+  }
+
+  if (decoder_phase) {
+    trainer.start_decoder_phase();
+    double elapsed = 0;
+    if (resume_decoder) {
+      trainer.load_state(decoder_state);
+      std::ifstream in(state_dir / "vae-decoder.elapsed");
+      if (in) in >> elapsed;
+      log_info("vae decoder: resuming at step " + std::to_string(trainer.steps_done()));
+    }
+    const Budget budget{config.vae_decoder_steps, config.vae_decoder_minutes};
+    auto save = [&] {
+      trainer.save_state(decoder_state);
+      std::ofstream(state_dir / "vae-decoder.elapsed") << std::setprecision(17) << elapsed;
+    };
+    const double avg =
+        run_budget("vae decoder", "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
+                   [&] { return step_line(trainer.step(warmup_cosine(budget, trainer.steps_done(), elapsed, 20))); }, save);
+    log_info("vae decoder: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " +
+             fmt(avg));
+    log_info("vae decoder: round trip " + round_trip_line(trainer.vae(), config));
+  }
+
+  // Normalise the latent: measure, fold into the 1x1x1 convolutions, write the final VAE. The
+  // decoder phase leaves the encoder as it was, so the statistics (same clips) and with them the
+  // latents a DiT was trained on stay the same.
   WanVAEConfig final_config = config.vae;  // published latent statistics
   WanVAE final_vae(final_config);
   copy_parameters(*trainer.vae(), *final_vae);
@@ -1097,8 +1194,8 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
 void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) {
   if (options.out_dir.empty()) throw InputError("train-demo: --out is required");
   const std::string& s = options.stage;
-  if (s != "tokenizer" && s != "vae" && s != "dit" && s != "all")
-    throw InputError("train-demo: unknown stage '" + s + "' (expected tokenizer, vae, dit or all)");
+  if (s != "tokenizer" && s != "vae" && s != "vae-decoder" && s != "dit" && s != "all")
+    throw InputError("train-demo: unknown stage '" + s + "' (expected tokenizer, vae, vae-decoder, dit or all)");
   // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
   // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).
   at::globalContext().setFlushDenormal(true);
@@ -1110,7 +1207,8 @@ void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) 
     const auto tok = WanTokenizer::from_file(path);
     log_info("tokenizer: " + std::to_string(tok.vocab_size()) + " pieces -> " + path);
   }
-  if (s == "vae" || s == "all") run_vae_stage(config, options);
+  if (s == "vae" || s == "all") run_vae_stage(config, options, /*decoder_only=*/false);
+  if (s == "vae-decoder") run_vae_stage(config, options, /*decoder_only=*/true);
   if (s == "dit" || s == "all") run_dit_stage(config, options);
 }
 

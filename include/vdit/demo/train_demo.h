@@ -72,6 +72,15 @@ struct DemoTrainConfig {
   // statistics and the DiT always use whole clips.
   std::int64_t vae_frames = 5;
   std::int64_t vae_crop = 32;
+  // Decoder phase: after the windowed training above, the encoder (and conv1) is frozen and the
+  // decoder fine-tuned on vae_decoder_frames frames (4n+1; 0: all) at the same crop. A decoder
+  // trained on 5-frame windows only ever decodes two latent frames: measured on 64 round-tripped
+  // 9-frame clips, the third latent frame (frames 5-8) came out another colour in 45 of them. The
+  // frozen encoder keeps the latent space (and a DiT trained on it) valid.
+  std::int64_t vae_decoder_steps = 0;  // 0: use minutes
+  double vae_decoder_minutes = 20;     // 0 with vae_decoder_steps 0: no decoder phase
+  double vae_decoder_lr = 3e-4;
+  std::int64_t vae_decoder_frames = 0;
   std::int64_t vae_validate_every = 200;  // steps between round-trip judge checks (0: never)
   std::int64_t vae_validate_clips = 30;   // clips encoded, decoded and judged per check
 
@@ -121,7 +130,9 @@ struct DemoTrainConfig {
 
 struct DemoTrainOptions {
   std::string out_dir;
-  std::string stage = "all";  // tokenizer | vae | dit | all | export
+  // tokenizer | vae | vae-decoder | dit | all. "vae" runs both VAE phases; "vae-decoder" only the
+  // decoder phase, starting from a finished first phase (train-state/vae.pt).
+  std::string stage = "all";
   bool resume = false;
   bool quiet_progress = false;
 };
@@ -161,14 +172,22 @@ class VAETrainer {
   VAETrainer(const DemoTrainConfig& config, std::uint64_t seed);
   // One step at learning rate vae_lr * lr_scale (the stage passes its warm-up/cosine schedule).
   VAEStepResult step(double lr_scale = 1.0);
+  // Freezes the encoder and conv1, restarts the step count and gives the decoder and conv2 a
+  // fresh optimizer at vae_decoder_lr; later steps train on vae_decoder_frames frames.
+  void start_decoder_phase();
+  bool decoder_phase() const { return decoder_phase_; }
   std::int64_t steps_done() const { return step_; }
   WanVAE& vae() { return vae_; }
-  // Weights, optimizer, step counter and both random generators.
+  // Weights, optimizer, step counter and both random generators. A decoder-phase state loads only
+  // into a trainer in the decoder phase, and a first-phase state only into one that is not.
   void save_state(const std::string& path) const;
   void load_state(const std::string& path);
+  // The weights alone (any phase's state file).
+  void load_weights(const std::string& path);
 
  private:
   DemoTrainConfig config_;
+  bool decoder_phase_ = false;
   WanVAE vae_{nullptr};
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::mt19937_64 data_rng_;
