@@ -136,6 +136,18 @@ TEST_CASE("train-demo: VAE training lowers the reconstruction error and resumes 
   fs::remove_all(dir);
 }
 
+TEST_CASE("train-demo: latent noise in VAE training is seeded and changes the update", "[train]") {
+  DemoTrainConfig quiet = micro_config(), noisy = micro_config();
+  noisy.vae_latent_noise = 0.5;
+  VAETrainer a(noisy, 3), b(noisy, 3), c(quiet, 3);
+  a.step();
+  b.step();
+  c.step();
+  CHECK(same_parameters(*a.vae(), *b.vae()));
+  CHECK_FALSE(same_parameters(*a.vae(), *c.vae()));
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_latent_noise", -0.1}}), vdit::InputError);
+}
+
 TEST_CASE("train-demo: the VAE decoder phase trains only the decoder and resumes bit-exactly", "[train]") {
   const DemoTrainConfig c = micro_config();
   const fs::path dir = temp_dir("vaedec");

@@ -330,6 +330,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("vae_edge_margin", c.vae_edge_margin);
   get("vae_frames", c.vae_frames);
   get("vae_crop", c.vae_crop);
+  get("vae_latent_noise", c.vae_latent_noise);
   get("vae_decoder_steps", c.vae_decoder_steps);
   get("vae_decoder_minutes", c.vae_decoder_minutes);
   get("vae_decoder_lr", c.vae_decoder_lr);
@@ -367,6 +368,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.vae_decoder_frames < 0 || c.vae_decoder_frames > c.frames ||
       (c.vae_decoder_frames > 0 && (c.vae_decoder_frames - 1) % 4 != 0))
     throw InputError("demo training config: vae_decoder_frames must be 0 or 4n+1 and at most frames");
+  if (!(c.vae_latent_noise >= 0)) throw InputError("demo training config: vae_latent_noise must be >= 0");
   if (c.vae_decoder_steps < 0 || c.vae_decoder_minutes < 0 || !(c.vae_decoder_lr > 0))
     throw InputError("demo training config: vae_decoder_steps and vae_decoder_minutes must be >= 0, vae_decoder_lr > 0");
   if (c.vae_crop < 0 || c.vae_crop % 16 != 0 || c.vae_crop > std::min(c.width, c.height))
@@ -413,6 +415,7 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["vae_edge_margin"] = vae_edge_margin;
   j["vae_frames"] = vae_frames;
   j["vae_crop"] = vae_crop;
+  j["vae_latent_noise"] = vae_latent_noise;
   j["vae_decoder_steps"] = vae_decoder_steps;
   j["vae_decoder_minutes"] = vae_decoder_minutes;
   j["vae_decoder_lr"] = vae_decoder_lr;
@@ -633,7 +636,11 @@ VAEStepResult VAETrainer::step(double lr_scale) {
   }
   logvar = logvar.clamp(-30.0, 20.0);
   const at::Tensor eps = at::randn(mu.sizes(), noise_gen_, mu.options());
-  const at::Tensor z = mu + at::exp(0.5 * logvar) * eps;
+  at::Tensor z = mu + at::exp(0.5 * logvar) * eps;
+  if (config_.vae_latent_noise > 0) {
+    const at::Tensor spread = mu.detach().std({0, 2, 3, 4}, /*unbiased=*/false, /*keepdim=*/true);
+    z = z + config_.vae_latent_noise * spread * at::randn(mu.sizes(), noise_gen_, mu.options());
+  }
   const at::Tensor recon = vae_->decode_unclamped(z);
   const at::Tensor recon_loss = vae_reconstruction_loss(recon, video, config_);
   const at::Tensor kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean();
