@@ -1093,27 +1093,34 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
   };
 
-  if (!decoder_only && !resume_decoder) {
+  // One phase: resume from its state file when asked, train to its budget (the elapsed time rides
+  // along so a minutes budget counts over resumed runs), log the result.
+  auto train_phase = [&](const std::string& name, const std::string& state_path, const Budget& budget,
+                         std::int64_t warmup, bool resume) {
+    const fs::path elapsed_path = fs::path(state_path).replace_extension(".elapsed");
     double elapsed = 0;
-    if (options.resume && fs::exists(state)) {
-      trainer.load_state(state);
-      std::ifstream in(state_dir / "vae.elapsed");
+    if (resume) {
+      trainer.load_state(state_path);
+      std::ifstream in(elapsed_path);
       if (in) in >> elapsed;
-      log_info("vae: resuming at step " + std::to_string(trainer.steps_done()));
+      log_info(name + ": resuming at step " + std::to_string(trainer.steps_done()));
     }
-    const Budget budget{config.vae_steps, config.vae_minutes};
-    // The elapsed time rides along so a minutes budget counts over resumed runs.
     auto save = [&] {
-      trainer.save_state(state);
-      std::ofstream(state_dir / "vae.elapsed") << std::setprecision(17) << elapsed;
+      trainer.save_state(state_path);
+      std::ofstream(elapsed_path) << std::setprecision(17) << elapsed;
     };
-    const double avg = run_budget("vae", "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
+    const double avg = run_budget(name, "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
                                   [&] {
-                                    return step_line(trainer.step(warmup_cosine(budget, trainer.steps_done(), elapsed, 100)));
+                                    return step_line(
+                                        trainer.step(warmup_cosine(budget, trainer.steps_done(), elapsed, warmup)));
                                   },
                                   save);
-    log_info("vae: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
-    log_info("vae: round trip " + round_trip_line(trainer.vae(), config));
+    log_info(name + ": " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
+    log_info(name + ": round trip " + round_trip_line(trainer.vae(), config));
+  };
+
+  if (!decoder_only && !resume_decoder) {
+    train_phase("vae", state, Budget{config.vae_steps, config.vae_minutes}, 100, options.resume && fs::exists(state));
   } else if (!resume_decoder) {
     if (!fs::exists(state)) throw InputError(state + " is missing: run the vae stage first");
     trainer.load_weights(state);
@@ -1121,24 +1128,8 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
 
   if (decoder_phase) {
     trainer.start_decoder_phase();
-    double elapsed = 0;
-    if (resume_decoder) {
-      trainer.load_state(decoder_state);
-      std::ifstream in(state_dir / "vae-decoder.elapsed");
-      if (in) in >> elapsed;
-      log_info("vae decoder: resuming at step " + std::to_string(trainer.steps_done()));
-    }
-    const Budget budget{config.vae_decoder_steps, config.vae_decoder_minutes};
-    auto save = [&] {
-      trainer.save_state(decoder_state);
-      std::ofstream(state_dir / "vae-decoder.elapsed") << std::setprecision(17) << elapsed;
-    };
-    const double avg =
-        run_budget("vae decoder", "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
-                   [&] { return step_line(trainer.step(warmup_cosine(budget, trainer.steps_done(), elapsed, 20))); }, save);
-    log_info("vae decoder: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " +
-             fmt(avg));
-    log_info("vae decoder: round trip " + round_trip_line(trainer.vae(), config));
+    train_phase("vae decoder", decoder_state, Budget{config.vae_decoder_steps, config.vae_decoder_minutes}, 20,
+                resume_decoder);
   }
 
   // Normalise the latent: measure, fold into the 1x1x1 convolutions, write the final VAE. The
