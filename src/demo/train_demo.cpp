@@ -602,21 +602,22 @@ VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed)
     const std::int64_t z = config.vae.z_dim;
     vae_->named_parameters()["conv1.bias"].narrow(0, z, z).fill_(config.vae_logvar_init);
   }
+  trained_ = vae_->parameters();
   optimizer_ = std::make_unique<torch::optim::AdamW>(
-      vae_->parameters(), torch::optim::AdamWOptions(config.vae_lr).betas({0.9, 0.99}).weight_decay(0.0));
+      trained_, torch::optim::AdamWOptions(config.vae_lr).betas({0.9, 0.99}).weight_decay(0.0));
 }
 
 void VAETrainer::start_decoder_phase() {
   if (decoder_phase_) return;
   decoder_phase_ = true;
-  std::vector<at::Tensor> trained;
+  trained_.clear();
   for (auto& item : vae_->named_parameters()) {
     const bool frozen = item.key().rfind("encoder.", 0) == 0 || item.key().rfind("conv1.", 0) == 0;
     item.value().set_requires_grad(!frozen);
-    if (!frozen) trained.push_back(item.value());
+    if (!frozen) trained_.push_back(item.value());
   }
   optimizer_ = std::make_unique<torch::optim::AdamW>(
-      trained, torch::optim::AdamWOptions(config_.vae_decoder_lr).betas({0.9, 0.99}).weight_decay(0.0));
+      trained_, torch::optim::AdamWOptions(config_.vae_decoder_lr).betas({0.9, 0.99}).weight_decay(0.0));
   step_ = 0;
 }
 
@@ -627,11 +628,9 @@ VAEStepResult VAETrainer::step(double lr_scale) {
   if (decoder_phase_) window.vae_frames = config_.vae_decoder_frames;
   const at::Tensor video = vae_training_window(batch.video, window, data_rng_);
   at::Tensor mu, logvar;
-  if (decoder_phase_) {
+  {
     // The frozen encoder needs no graph: the decoder phase's backward stops at the latent.
-    torch::NoGradGuard no_grad;
-    std::tie(mu, logvar) = vae_->encode_moments(video);
-  } else {
+    c10::AutoGradMode encoder_grad(!decoder_phase_);
     std::tie(mu, logvar) = vae_->encode_moments(video);
   }
   logvar = logvar.clamp(-30.0, 20.0);
@@ -648,12 +647,7 @@ VAEStepResult VAETrainer::step(double lr_scale) {
   const at::Tensor loss = decoder_phase_ ? recon_loss : recon_loss + config_.vae_kl_weight * kl;
   optimizer_->zero_grad();
   loss.backward();
-  if (config_.grad_clip > 0) {
-    std::vector<at::Tensor> trained;
-    for (const auto& p : vae_->parameters())
-      if (p.requires_grad()) trained.push_back(p);
-    torch::nn::utils::clip_grad_norm_(trained, config_.grad_clip);
-  }
+  if (config_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(trained_, config_.grad_clip);
   optimizer_->step();
   ++step_;
   VAEStepResult r;
@@ -1086,13 +1080,6 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     throw InputError("train-demo: the vae-decoder stage needs vae_decoder_steps or vae_decoder_minutes above 0");
   const bool resume_decoder = options.resume && decoder_phase && fs::exists(decoder_state);
   VAETrainer trainer(config, config.seed * 1000 + 1);
-  auto step_line = [&](const VAEStepResult& r) {
-    if (config.vae_validate_every > 0 && trainer.steps_done() % config.vae_validate_every == 0)
-      log_info(std::string(trainer.decoder_phase() ? "vae decoder" : "vae") + ": step " +
-               std::to_string(trainer.steps_done()) + " round trip " + round_trip_line(trainer.vae(), config));
-    return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
-  };
-
   // One phase: resume from its state file when asked, train to its budget (the elapsed time rides
   // along so a minutes budget counts over resumed runs), log the result.
   auto train_phase = [&](const std::string& name, const std::string& state_path, const Budget& budget,
@@ -1111,8 +1098,12 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     };
     const double avg = run_budget(name, "L1", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
                                   [&] {
-                                    return step_line(
-                                        trainer.step(warmup_cosine(budget, trainer.steps_done(), elapsed, warmup)));
+                                    const VAEStepResult r =
+                                        trainer.step(warmup_cosine(budget, trainer.steps_done(), elapsed, warmup));
+                                    if (config.vae_validate_every > 0 && trainer.steps_done() % config.vae_validate_every == 0)
+                                      log_info(name + ": step " + std::to_string(trainer.steps_done()) + " round trip " +
+                                               round_trip_line(trainer.vae(), config));
+                                    return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
                                   },
                                   save);
     log_info(name + ": " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));

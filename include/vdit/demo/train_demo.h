@@ -72,11 +72,6 @@ struct DemoTrainConfig {
   // statistics and the DiT always use whole clips.
   std::int64_t vae_frames = 5;
   std::int64_t vae_crop = 32;
-  // Decoder phase: after the windowed training above, the encoder (and conv1) is frozen and the
-  // decoder fine-tuned on vae_decoder_frames frames (4n+1; 0: all) at the same crop. A decoder
-  // trained on 5-frame windows only ever decodes two latent frames: measured on 64 round-tripped
-  // 9-frame clips, the third latent frame (frames 5-8) came out another colour in 45 of them. The
-  // frozen encoder keeps the latent space (and a DiT trained on it) valid.
   // Extra Gaussian noise added to the sampled latent in training, as a fraction of each latent
   // channel's spread in the batch (std of mu, no gradient). The DiT's samples are off by a
   // fraction of the latent's spread; with this noise the decoder must tell apart only what the
@@ -84,6 +79,11 @@ struct DemoTrainConfig {
   // whole clips): red and purple lie 11 apart, circle and square 16, a 4-pixel shift 45 - the
   // DiT's mistakes are those small distances (purple -> red, square -> circle). 0: off.
   double vae_latent_noise = 0;
+  // Decoder phase: after the windowed training above, the encoder (and conv1) is frozen and the
+  // decoder fine-tuned on vae_decoder_frames frames (4n+1; 0: all) at the same crop. A decoder
+  // trained on 5-frame windows only ever decodes two latent frames: measured on 64 round-tripped
+  // 9-frame clips, the third latent frame (frames 5-8) came out another colour in 45 of them. The
+  // frozen encoder keeps the latent space (and a DiT trained on it) valid.
   std::int64_t vae_decoder_steps = 0;  // 0: use minutes
   double vae_decoder_minutes = 20;     // 0 with vae_decoder_steps 0: no decoder phase
   double vae_decoder_lr = 3e-4;
@@ -196,6 +196,7 @@ class VAETrainer {
   DemoTrainConfig config_;
   bool decoder_phase_ = false;
   WanVAE vae_{nullptr};
+  std::vector<at::Tensor> trained_;  // the parameters the optimizer updates (and clips)
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::mt19937_64 data_rng_;
   at::Generator noise_gen_;
