@@ -57,7 +57,9 @@ DemoTrainConfig micro_config() {
   c.pool_size = 32;
   c.pool_refresh = 1;
   c.vae_stats_clips = 8;
-  c.vae_decoder_minutes = 0;  // no decoder phase unless a test asks for one
+  c.vae_decoder_steps = 0;  // no decoder phase unless a test asks for one
+  c.vae_decoder_minutes = 0;
+  c.vae_latent_noise = 0;  // on only where a test asks for it
   return c;
 }
 

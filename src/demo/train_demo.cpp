@@ -798,6 +798,8 @@ DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at
   dit_ = WanDiT(config_.dit);
   dit_->reset_parameters();
   dit_->train();
+  // f32 RoPE while training (see WanDiTImpl::rope_dtype); the exported weights are dtype-free.
+  dit_->rope_dtype = at::kFloat;
   ema_ = WanDiT(config_.dit);
   copy_parameters(*dit_, *ema_);
   ema_->eval();

@@ -65,11 +65,11 @@ at::Tensor to_attention(const at::Tensor& x, at::ScalarType compute, at::ScalarT
   return x.to(compute).to(attention);
 }
 
-// Rotates element pairs (2j, 2j+1) of x [B, N, H, D] by the per-token angles, in float64, and
-// returns f32 like the reference's rope_apply.
+// Rotates element pairs (2j, 2j+1) of x [B, N, H, D] by the per-token angles, in the angles' dtype
+// (float64 like the reference's rope_apply unless the model was switched to f32 RoPE), and returns f32.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const auto sizes = x.sizes();
-  at::Tensor pairs = x.to(at::kDouble).reshape({sizes[0], sizes[1], sizes[2], sizes[3] / 2, 2});
+  at::Tensor pairs = x.to(cos.scalar_type()).reshape({sizes[0], sizes[1], sizes[2], sizes[3] / 2, 2});
   at::Tensor re = pairs.select(-1, 0), im = pairs.select(-1, 1);
   at::Tensor rotated = at::stack({re * cos - im * sin, re * sin + im * cos}, -1);
   return rotated.reshape(sizes).to(at::kFloat);
@@ -912,8 +912,8 @@ at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const W
   wan::BlockContext ctx;
   ctx.grid = grid;
   auto rope = wan_rope_for_grid(c.head_dim(), grid, device);
-  ctx.rope_cos = rope.first.view({1, N, 1, c.head_dim() / 2});
-  ctx.rope_sin = rope.second.view({1, N, 1, c.head_dim() / 2});
+  ctx.rope_cos = rope.first.view({1, N, 1, c.head_dim() / 2}).to(rope_dtype);
+  ctx.rope_sin = rope.second.view({1, N, 1, c.head_dim() / 2}).to(rope_dtype);
   ctx.cond = text;
   ctx.hooks = hooks.get();
   ctx.self_attn_scale = self_attn_scale_factor / std::sqrt(static_cast<double>(c.head_dim()));

@@ -49,8 +49,11 @@ struct DemoTrainConfig {
   double vae_lr = 1e-3;
   double vae_kl_weight = 1e-5;       // on the per-element mean KL
   double vae_foreground_weight = 1;  // weight of the object pixels' mean L1 against the background's
-  std::int64_t vae_steps = 0;        // 0: use minutes
-  double vae_minutes = 40;
+  // Budgets of the three phases below are steps (0: use the minutes instead), so a run's length
+  // does not depend on the machine's speed. The defaults are the step counts the shipped model's
+  // run reached with budgets of 30, 10 and 75 minutes on the 2-core CPU (about 2 h in all).
+  std::int64_t vae_steps = 6943;
+  double vae_minutes = 30;
   std::int64_t vae_stats_clips = 256;  // clips used to measure the latent mean/std
   // Initial bias of the encoder's log-variance outputs. At 0 the sampled latent starts with unit
   // noise, far larger than the signal, and the decoder first learns a blurred average (measured:
@@ -77,15 +80,16 @@ struct DemoTrainConfig {
   // fraction of the latent's spread; with this noise the decoder must tell apart only what the
   // encoder keeps that far apart. Measured on the 40-minute VAE without it (normalised latent,
   // whole clips): red and purple lie 11 apart, circle and square 16, a 4-pixel shift 45 - the
-  // DiT's mistakes are those small distances (purple -> red, square -> circle). 0: off.
-  double vae_latent_noise = 0;
+  // DiT's mistakes are those small distances (purple -> red, square -> circle). 0: off. The
+  // shipped model uses 0.25.
+  double vae_latent_noise = 0.25;
   // Decoder phase: after the windowed training above, the encoder (and conv1) is frozen and the
   // decoder fine-tuned on vae_decoder_frames frames (4n+1; 0: all) at the same crop. A decoder
   // trained on 5-frame windows only ever decodes two latent frames: measured on 64 round-tripped
   // 9-frame clips, the third latent frame (frames 5-8) came out another colour in 45 of them. The
   // frozen encoder keeps the latent space (and a DiT trained on it) valid.
-  std::int64_t vae_decoder_steps = 0;  // 0: use minutes
-  double vae_decoder_minutes = 20;     // 0 with vae_decoder_steps 0: no decoder phase
+  std::int64_t vae_decoder_steps = 1466;  // 0: use minutes
+  double vae_decoder_minutes = 10;       // 0 with vae_decoder_steps 0: no decoder phase
   double vae_decoder_lr = 3e-4;
   std::int64_t vae_decoder_frames = 0;
   std::int64_t vae_validate_every = 200;  // steps between round-trip judge checks (0: never)
@@ -108,9 +112,9 @@ struct DemoTrainConfig {
   // colour 83 % shape 48 % motion 95 % (colour then by the clip's median; see judge_clip).
   double dit_object_weight = 8;
   // A steps budget, so the DiT's length does not depend on the machine's speed (0: use dit_minutes).
-  // The best DiT so far: 8000 steps, ~0.97 steps/s on the 2-core CPU (about 2 h 17 min).
-  std::int64_t dit_steps = 8000;
-  double dit_minutes = 115;
+  // The shipped DiT: 6570 steps, ~1.46 steps/s on the 2-core CPU with f32 RoPE (1 h 15 min).
+  std::int64_t dit_steps = 6570;
+  double dit_minutes = 75;
   // The DiT forward under CPU bf16 autocast (f32 master weights, optimizer and loss). Measured
   // at batch 32: 0.75 s/step against 1.8 s/step in f32.
   bool bf16_autocast = true;

@@ -184,7 +184,7 @@ TORCH_MODULE(TimeProjection);
 // Everything one block's forward needs besides its own weights.
 struct BlockContext {
   Grid3 grid;
-  at::Tensor rope_cos, rope_sin;  // [1, N, 1, head_dim/2] float64
+  at::Tensor rope_cos, rope_sin;  // [1, N, 1, head_dim/2], float64 (or f32, see WanDiTImpl::rope_dtype)
   const WanTextCondition* cond = nullptr;
   AttentionHooks* hooks = nullptr;
   double self_attn_scale = 0.0;
@@ -285,6 +285,10 @@ class WanDiTImpl : public torch::nn::Module {
   std::optional<Window3> self_attn_window;
   // AttentionSite::branch of the calls this model makes (set by guidance pipelines).
   int attention_branch = 0;
+  // RoPE rotation dtype: float64 as the reference (the default, for parity with real checkpoints)
+  // or f32, which the demo trainer uses because the float64 rotation and its backward are a
+  // measurable share of a small model's training step; angles differ by < 1e-7 relative.
+  at::ScalarType rope_dtype = at::kDouble;
   // When set, filled with f32 copies of intermediates: "patch_embedding" [B,dim,F',H',W'],
   // "time_embedding_e" [B,dim], "time_projection_e0" [B,6,dim], "text_embedding" [B,text_len,dim],
   // "block<i>_out" [B,N,dim], "head_out" [B,N,prod(patch)*out_dim].
