@@ -1,7 +1,8 @@
 // f32 GEMM rate and a GEMM/elementwise mix under the OpenBLAS set-up vdit selects
 // (vdit::configure_blas: kernels and thread spin) against OpenBLAS's own, measured in one run:
-// this program times vdit's set-up, then runs itself again without it (VDIT_KEEP_BLAS=1, the two
-// variables removed) and prints one JSON line per GEMM size with the ratio, then one for the mix.
+// this program times vdit's set-up, then runs itself again without it (VDIT_KEEP_BLAS=1, the three
+// variables removed) and prints one JSON line per GEMM size with the ratio, then one for the mix,
+// which is also timed with everything but the OpenMP wait policy (that setting's own share).
 // Sizes: square GEMMs and the demo DiT's FFN shape.
 //
 //   bench_blas            # both measurements and the ratios
@@ -72,6 +73,17 @@ nlohmann::json measure() {
   return out;
 }
 
+// Runs this program again (COMMAND) and parses the one JSON line it prints.
+nlohmann::json run_child(const std::string& command) {
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) throw vdit::RuntimeError("bench_blas: cannot run " + command);
+  std::string text;
+  char buf[4096];
+  while (fgets(buf, sizeof buf, pipe)) text += buf;
+  if (pclose(pipe) != 0 || text.empty()) throw vdit::RuntimeError("bench_blas: the child run failed: " + command);
+  return nlohmann::json::parse(text);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -84,14 +96,9 @@ int main(int argc, char** argv) {
     }
     const nlohmann::json selected = measure();
     // The library's own choice: the same program, told not to re-select.
-    const std::string command = "env -u OPENBLAS_CORETYPE -u OPENBLAS_THREAD_TIMEOUT VDIT_KEEP_BLAS=1 /proc/" + std::to_string(::getpid()) + "/exe --single";
-    FILE* pipe = popen(command.c_str(), "r");
-    if (!pipe) throw vdit::RuntimeError("bench_blas: cannot run " + command);
-    std::string text;
-    char buf[4096];
-    while (fgets(buf, sizeof buf, pipe)) text += buf;
-    if (pclose(pipe) != 0 || text.empty()) throw vdit::RuntimeError("bench_blas: the child run failed");
-    const nlohmann::json own = nlohmann::json::parse(text);
+    const std::string self = " VDIT_KEEP_BLAS=1 /proc/" + std::to_string(::getpid()) + "/exe --single";
+    const nlohmann::json own = run_child("env -u OPENBLAS_CORETYPE -u OPENBLAS_THREAD_TIMEOUT -u OMP_WAIT_POLICY" + self);
+    const nlohmann::json spinning_omp = run_child("env -u OMP_WAIT_POLICY" + self);
     for (std::size_t i = 0; i < kShapes.size(); ++i) {
       const double a = selected["gflops"][i]["gflops"], b = own["gflops"][i]["gflops"];
       nlohmann::json line = {{"m", kShapes[i].m},         {"k", kShapes[i].k},       {"n", kShapes[i].n},
@@ -99,9 +106,10 @@ int main(int argc, char** argv) {
                              {"blas_own", own["blas"]},     {"gflops_own", b},         {"ratio", a / b}};
       std::cout << line.dump() << std::endl;
     }
-    const double ms_selected = selected["mixed_ms"], ms_own = own["mixed_ms"];
+    const double ms_selected = selected["mixed_ms"], ms_own = own["mixed_ms"], ms_spin = spinning_omp["mixed_ms"];
     std::cout << nlohmann::json{{"workload", "100 x (mm 384x128x512, gelu, mm, add, layer_norm)"},
-                                {"ms_selected", ms_selected}, {"ms_own", ms_own}, {"speedup", ms_own / ms_selected}}
+                                {"ms_selected", ms_selected}, {"ms_own", ms_own}, {"speedup", ms_own / ms_selected},
+                                {"ms_selected_but_omp_active", ms_spin}, {"omp_passive_speedup", ms_spin / ms_selected}}
                      .dump()
               << std::endl;
   } catch (const std::exception& e) {

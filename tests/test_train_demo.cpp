@@ -97,6 +97,22 @@ TEST_CASE("train-demo: configs/shapes-demo.json is the built-in default", "[trai
   CHECK(file.dit.text_dim == file.text_encoder.dim);
 }
 
+TEST_CASE("train-demo: bf16_autocast reads true, false and \"auto\", and nothing else", "[train]") {
+  using Mode = DemoTrainConfig::Bf16Autocast;
+  CHECK(DemoTrainConfig::from_json(nlohmann::json::object()).bf16_autocast == Mode::Auto);
+  CHECK(DemoTrainConfig::from_json({{"bf16_autocast", true}}).bf16_autocast == Mode::On);
+  CHECK(DemoTrainConfig::from_json({{"bf16_autocast", false}}).bf16_autocast == Mode::Off);
+  CHECK(DemoTrainConfig::from_json({{"bf16_autocast", "auto"}}).bf16_autocast == Mode::Auto);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"bf16_autocast", "yes"}}), vdit::InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"bf16_autocast", 1}}), vdit::InputError);
+  // The JSON round trip keeps each mode.
+  for (Mode m : {Mode::On, Mode::Off, Mode::Auto}) {
+    DemoTrainConfig c;
+    c.bf16_autocast = m;
+    CHECK(DemoTrainConfig::from_json(c.to_json()).bf16_autocast == m);
+  }
+}
+
 TEST_CASE("train-demo: the caption tokenizer gives every caption distinct short ids", "[train]") {
   const fs::path dir = temp_dir("tok");
   const std::string path = train_caption_tokenizer(dir.string(), 64);
@@ -252,7 +268,7 @@ TEST_CASE("train-demo: DiT flow-matching loss falls and training resumes bit-exa
   WanVAE vae(c.vae);
   auto [ctx, null_ctx] = random_contexts(c);
 
-  DiTTrainer a(c, vae, ctx, null_ctx, 11);  // micro_config: bf16 autocast, the default
+  DiTTrainer a(c, vae, ctx, null_ctx, 11);  // micro_config: bf16 autocast as "auto" decides here
   a.fill_pool();
   std::vector<double> loss;
   for (int i = 0; i < 40; ++i) loss.push_back(a.step().loss);
@@ -264,7 +280,7 @@ TEST_CASE("train-demo: DiT flow-matching loss falls and training resumes bit-exa
   // The same under bf16 autocast (the shipped default) and in f32.
   for (bool bf16 : {true, false}) {
     DemoTrainConfig cb = c;
-    cb.bf16_autocast = bf16;
+    cb.bf16_autocast = bf16 ? DemoTrainConfig::Bf16Autocast::On : DemoTrainConfig::Bf16Autocast::Off;
     DiTTrainer t(cb, vae, ctx, null_ctx, 11);
     std::vector<double> l;
     for (int i = 0; i < 40; ++i) l.push_back(t.step().loss);
@@ -383,7 +399,7 @@ TEST_CASE("train-demo: step timings of the shipped config", "[.train-bench]") {
   auto [ctx, null_ctx] = random_contexts(c);
   for (bool bf16 : {false, true}) {
     if (part != "all" && part != (bf16 ? "dit-bf16" : "dit")) continue;
-    c.bf16_autocast = bf16;
+    c.bf16_autocast = bf16 ? DemoTrainConfig::Bf16Autocast::On : DemoTrainConfig::Bf16Autocast::Off;
     DiTTrainer dit(c, vae, ctx, null_ctx, 1);
     dit.fill_pool();
     auto [s, l] = time_steps([&] { return dit.step().loss; }, 1, 3);
@@ -392,7 +408,7 @@ TEST_CASE("train-demo: step timings of the shipped config", "[.train-bench]") {
   if (part == "all") {
     const auto t0 = std::chrono::steady_clock::now();
     c.pool_refresh = 16;
-    c.bf16_autocast = false;
+    c.bf16_autocast = DemoTrainConfig::Bf16Autocast::Off;
     DiTTrainer dit(c, vae, ctx, null_ctx, 1);
     dit.fill_pool();
     const double fill = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -35,7 +35,8 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--vae-batch", args->vae_batch, "VAE batch size");
   cmd->add_option("--pool-size", args->pool_size, "Pre-encoded latent clips the DiT batches are drawn from");
   cmd->add_option("--seed", args->seed, "Training seed");
-  cmd->add_option("--bf16", args->bf16, "DiT under CPU bf16 autocast: on or off (default: from the config)");
+  cmd->add_option("--bf16", args->bf16,
+                  "DiT under CPU bf16 autocast: on, off, or auto (when a bf16 GEMM is faster here; default: from the config)");
   cmd->add_flag("--resume", args->options.resume, "Continue from OUT/train-state");
   cmd->callback([args, &global] {
     (void)global;
@@ -53,8 +54,9 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
     if (args->pool_size > 0) config.pool_size = args->pool_size;
     if (args->seed >= 0) config.seed = static_cast<std::uint64_t>(args->seed);
     if (!args->bf16.empty()) {
-      if (args->bf16 != "on" && args->bf16 != "off") throw InputError("--bf16 must be on or off");
-      config.bf16_autocast = args->bf16 == "on";
+      using Mode = demo::DemoTrainConfig::Bf16Autocast;
+      if (args->bf16 != "on" && args->bf16 != "off" && args->bf16 != "auto") throw InputError("--bf16 must be on, off or auto");
+      config.bf16_autocast = args->bf16 == "on" ? Mode::On : args->bf16 == "off" ? Mode::Off : Mode::Auto;
     }
     demo::train_demo(config, args->options);
   });

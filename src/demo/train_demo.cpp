@@ -352,7 +352,16 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("dit_object_weight", c.dit_object_weight);
   get("dit_steps", c.dit_steps);
   get("dit_minutes", c.dit_minutes);
-  get("bf16_autocast", c.bf16_autocast);
+  if (j.contains("bf16_autocast")) {
+    const auto& v = j.at("bf16_autocast");
+    if (v.is_boolean()) {
+      c.bf16_autocast = v.get<bool>() ? DemoTrainConfig::Bf16Autocast::On : DemoTrainConfig::Bf16Autocast::Off;
+    } else if (v.is_string() && v.get<std::string>() == "auto") {
+      c.bf16_autocast = DemoTrainConfig::Bf16Autocast::Auto;
+    } else {
+      throw InputError("demo training config: bad value for 'bf16_autocast' (expected true, false or \"auto\")");
+    }
+  }
   get("sample_steps", c.sample_steps);
   get("sample_guidance", c.sample_guidance);
   get("sample_shift", c.sample_shift);
@@ -437,7 +446,11 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["dit_object_weight"] = dit_object_weight;
   j["dit_steps"] = dit_steps;
   j["dit_minutes"] = dit_minutes;
-  j["bf16_autocast"] = bf16_autocast;
+  if (bf16_autocast == Bf16Autocast::Auto) {
+    j["bf16_autocast"] = "auto";
+  } else {
+    j["bf16_autocast"] = bf16_autocast == Bf16Autocast::On;
+  }
   j["sample_steps"] = sample_steps;
   j["sample_guidance"] = sample_guidance;
   j["sample_shift"] = sample_shift;
@@ -778,6 +791,30 @@ UMT5Encoder make_text_encoder(const DemoTrainConfig& config, std::int64_t vocab)
 
 // ---- DiT ----------------------------------------------------------------------------------------
 
+bool cpu_bf16_gemm_is_faster() {
+  static const bool faster = [] {
+    // The FFN's first GEMM at a 1024-token slice: [1024, 128] x [128, 512]. Best of 3 after a
+    // warm-up, so one-off costs (oneDNN's kernel generation) do not count.
+    auto best_seconds = [](at::ScalarType dtype) {
+      const at::Tensor a = at::randn({1024, 128}).to(dtype), b = at::randn({128, 512}).to(dtype);
+      at::mm(a, b);
+      double best = 1e30;
+      for (int r = 0; r < 3; ++r) {
+        const auto t0 = Clock::now();
+        at::mm(a, b);
+        best = std::min(best, seconds_since(t0));
+      }
+      return best;
+    };
+    const double f32 = best_seconds(at::kFloat), bf16 = best_seconds(at::kBFloat16);
+    const double gflop = 2.0 * 1024 * 128 * 512 / 1e9;
+    log_info("bf16 autocast " + std::string(bf16 < f32 ? "on" : "off") + ": bf16 GEMM " + fmt(gflop / bf16) +
+             " GFLOP/s, f32 " + fmt(gflop / f32) + " GFLOP/s on this CPU");
+    return bf16 < f32;
+  }();
+  return faster;
+}
+
 DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at::Tensor> contexts,
                        at::Tensor null_context, std::uint64_t seed)
     : config_(config),
@@ -794,6 +831,8 @@ DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at
                        std::to_string(config_.dit.text_len));
   vae_->eval();
   for (auto& p : vae_->parameters()) p.set_requires_grad(false);
+  bf16_autocast_ = config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::On ||
+                   (config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::Auto && cpu_bf16_gemm_is_faster());
   torch::manual_seed(seed);
   dit_ = WanDiT(config_.dit);
   dit_->reset_parameters();
@@ -881,7 +920,7 @@ DiTStepResult DiTTrainer::step() {
   set_lr(*optimizer_, lr);
   at::Tensor pred;
   {
-    AutocastScope autocast(config_.bf16_autocast);
+    AutocastScope autocast(bf16_autocast_);
     WanTextCondition cond = dit_->encode_text(ctx);
     pred = dit_->forward(xt, t, cond);
   }

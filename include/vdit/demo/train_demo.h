@@ -116,8 +116,12 @@ struct DemoTrainConfig {
   std::int64_t dit_steps = 6570;
   double dit_minutes = 75;
   // The DiT forward under CPU bf16 autocast (f32 master weights, optimizer and loss). Measured
-  // at batch 32: 0.75 s/step against 1.8 s/step in f32.
-  bool bf16_autocast = true;
+  // at batch 32 on an AVX-512 EPYC: 0.75 s/step against 1.8 s/step in f32. Without AVX-512 the
+  // bf16 GEMM is emulated: 3.7 GFLOP/s against 135 for f32 on an AVX2-only EPYC, where one bf16
+  // step took over 8 s. Auto (JSON "auto", the default) times both GEMMs at start-up and picks
+  // the faster; JSON true / false force it.
+  enum class Bf16Autocast { Off, On, Auto };
+  Bf16Autocast bf16_autocast = Bf16Autocast::Auto;
 
   // Defaults written to vdit-demo.json for `vdit generate`.
   std::int64_t sample_steps = 30;
@@ -248,6 +252,8 @@ class DiTTrainer {
   void fill_pool(const std::function<void(std::int64_t, std::int64_t)>& progress = {});
   DiTStepResult step();
   std::int64_t steps_done() const { return step_; }
+  // Whether the forward runs under bf16 autocast (config.bf16_autocast, Auto resolved).
+  bool uses_bf16_autocast() const { return bf16_autocast_; }
   WanDiT& dit() { return dit_; }
   WanDiT& ema() { return ema_; }
   void save_state(const std::string& path) const;
@@ -270,7 +276,12 @@ class DiTTrainer {
   std::mt19937_64 data_rng_;
   at::Generator noise_gen_;
   std::int64_t step_ = 0;
+  bool bf16_autocast_ = false;
 };
+
+// True when a bf16 GEMM of the demo DiT's FFN size runs faster than the f32 one on this CPU
+// (timed once per process; what Bf16Autocast::Auto decides by).
+bool cpu_bf16_gemm_is_faster();
 
 // Frozen umT5 at its seeded random initialisation, sized to the tokenizer.
 UMT5Encoder make_text_encoder(const DemoTrainConfig& config, std::int64_t vocab);
