@@ -82,7 +82,8 @@ void configure_blas(char** argv) {
 #endif
     if (target && setenv("OPENBLAS_CORETYPE", target, 1) == 0) changed = true;
   }
-  if (openblas_parallel_kind() == 1 && !std::getenv("OPENBLAS_THREAD_TIMEOUT") && !std::getenv("GOTO_THREAD_TIMEOUT")) {
+  const bool openblas_pthreads = openblas_parallel_kind() == 1;
+  if (openblas_pthreads && !std::getenv("OPENBLAS_THREAD_TIMEOUT") && !std::getenv("GOTO_THREAD_TIMEOUT")) {
     if (setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1) == 0) changed = true;
   }
   // The other side of the same contention: LibTorch's OpenMP workers spin after each parallel
@@ -91,7 +92,7 @@ void configure_blas(char** argv) {
   // thread timeout already set, the demo model's 30 sampling steps took 10.2 s and 5.8 s with
   // OMP_WAIT_POLICY=PASSIVE, a demo DiT training step 1.89 s and 1.23 s. Kept when the user set
   // OMP_WAIT_POLICY or GOMP_SPINCOUNT.
-  if (openblas_parallel_kind() == 1 && !std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT")) {
+  if (openblas_pthreads && !std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT")) {
     if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) == 0) changed = true;
   }
   if (!changed) return;

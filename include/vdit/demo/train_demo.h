@@ -252,8 +252,6 @@ class DiTTrainer {
   void fill_pool(const std::function<void(std::int64_t, std::int64_t)>& progress = {});
   DiTStepResult step();
   std::int64_t steps_done() const { return step_; }
-  // Whether the forward runs under bf16 autocast (config.bf16_autocast, Auto resolved).
-  bool uses_bf16_autocast() const { return bf16_autocast_; }
   WanDiT& dit() { return dit_; }
   WanDiT& ema() { return ema_; }
   void save_state(const std::string& path) const;
@@ -276,7 +274,7 @@ class DiTTrainer {
   std::mt19937_64 data_rng_;
   at::Generator noise_gen_;
   std::int64_t step_ = 0;
-  bool bf16_autocast_ = false;
+  bool bf16_autocast_ = false;               // config_.bf16_autocast with Auto resolved
 };
 
 // True when a bf16 GEMM of the demo DiT's FFN size runs faster than the f32 one on this CPU
