@@ -127,7 +127,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
 at::Tensor attention_materialized(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionCall& call) {
   check_inputs(q, k, v, call);
   const double scale = effective_scale(call, q.size(3));
-  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale);
+  at::Tensor scores = matmul_f32_accumulate(q, k.transpose(-2, -1)).mul_(scale);
   const double neg_inf = -std::numeric_limits<double>::infinity();
   if (const auto window = effective_window(call)) {
     scores.masked_fill_(neighborhood_mask(call.grid, *window).logical_not().to(q.device()), neg_inf);
@@ -138,7 +138,7 @@ at::Tensor attention_materialized(const at::Tensor& q, const at::Tensor& k, cons
   at::Tensor probs = at::softmax(scores, -1);
   scores = at::Tensor();
   if (call.valid_keys == 0) probs.zero_();  // no visible key: 0, as the kernels
-  return at::matmul(probs, v);
+  return matmul_f32_accumulate(probs, v);
 }
 
 AttentionCost attention_cost(std::int64_t batch, std::int64_t heads, std::int64_t nq, std::int64_t nk,

@@ -3,6 +3,8 @@
 // It is differentiable (no in-place ops on inputs), so it also serves calls that need autograd.
 #include "attention_internal.h"
 
+#include "vdit/common.h"
+
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -45,7 +47,7 @@ at::Tensor generic_full_attention(const at::Tensor& q, const at::Tensor& k, cons
     const std::int64_t e = std::min(Nq, s + block);
     const at::ScalarType sd = score_dtype(q.scalar_type());
     const at::Tensor scores = at::matmul(q.slice(2, s, e).to(sd), kt) * scale;
-    outs.push_back(at::matmul(at::softmax(scores, -1).to(v.scalar_type()), v));
+    outs.push_back(matmul_f32_accumulate(at::softmax(scores, -1).to(v.scalar_type()), v));
   }
   return outs.empty() ? at::empty({B, H, 0, v.size(3)}, q.options()) : at::cat(outs, 2);
 }
@@ -82,7 +84,7 @@ at::Tensor generic_window_attention(const at::Tensor& q, const at::Tensor& k, co
           const at::ScalarType sd = score_dtype(q.scalar_type());
           const at::Tensor scores = (at::matmul(qb.to(sd), kb.to(sd).transpose(-2, -1)) * scale)
                                         .masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());
-          parts.push_back(at::matmul(at::softmax(scores, -1).to(v.scalar_type()), vb));
+          parts.push_back(matmul_f32_accumulate(at::softmax(scores, -1).to(v.scalar_type()), vb));
         }
         outs.push_back(parts.size() == 1 ? parts[0] : at::cat(parts, 1));
         order.push_back(qi);

@@ -248,7 +248,7 @@ at::Tensor CrossAttentionEdit::process(const AttentionSite& site, const at::Tens
         if (options_.mapper.size(1) != nt || options_.mapper.size(0) != ks.size(2))
           throw InputError("cross-attention edit: mapper " + shape_of(options_.mapper) + " for " +
                            std::to_string(ks.size(2)) + " source and " + std::to_string(nt) + " target tokens");
-        vs = at::matmul(options_.mapper.to(vt.device(), vt.scalar_type()), vs);
+        vs = matmul_f32_accumulate(options_.mapper.to(vt.device(), vt.scalar_type()), vs);
       }
       edited = inner(site, qs, ks, vs, call);
       if (alpha.defined() && !alpha.eq(1).all().item<bool>()) edited = edited + inner(site, qt, kt, cv * (1 - alpha), call);

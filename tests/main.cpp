@@ -3,8 +3,15 @@
 
 #include "vdit/common.h"
 
+#include <cstdlib>
+#include <cstring>
+
 int main(int argc, char* argv[]) {
   vdit::configure_blas(argv);
   vdit::set_threads(0);
+  // VDIT_TEST_WITHOUT_ONEDNN=1 runs the suite on LibTorch's own CPU kernels, the bf16 path of CPUs
+  // without AVX-512, so their numerics can be checked on any machine.
+  if (const char* v = std::getenv("VDIT_TEST_WITHOUT_ONEDNN"); v && std::strcmp(v, "1") == 0)
+    at::globalContext().setUserEnabledMkldnn(false);
   return Catch::Session().run(argc, argv);
 }

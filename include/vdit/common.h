@@ -56,6 +56,21 @@ bool matmul_supported(at::ScalarType dtype, at::Device device);
 // InputError, naming the option, when the compute dtype cannot run on the device.
 void check_compute_dtype(at::ScalarType dtype, at::Device device);
 
+// Whether a CPU matrix product or convolution on `dtype` operands must be widened to f32 to sum its
+// products in f32. LibTorch 1.13 runs bf16 GEMMs through oneDNN only on CPUs with AVX-512; elsewhere
+// its own kernel accumulates in bf16, which loses most digits past a few hundred terms (27 %
+// relative error at K = 1024, 76 % at K = 4096). Also true where there is no kernel (f16 on 1.13).
+// Probed once per dtype and oneDNN setting, with sums of positive values against f64.
+bool cpu_gemm_needs_widening(at::ScalarType dtype);
+
+// at::linear, at::matmul and at::conv3d that sum in f32 whatever the operand dtype, as GPU bf16/f16
+// kernels do: where cpu_gemm_needs_widening, the operands go to f32 and the result is rounded back
+// to the first operand's dtype; elsewhere they are the plain ATen op.
+at::Tensor linear_f32_accumulate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
+at::Tensor matmul_f32_accumulate(const at::Tensor& a, const at::Tensor& b);
+at::Tensor conv3d_f32_accumulate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 at::IntArrayRef stride);
+
 // "cpu", "cuda", "cuda:1".
 at::Device parse_device(const std::string& name);
 

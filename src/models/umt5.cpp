@@ -258,7 +258,7 @@ T5LinearImpl::T5LinearImpl(std::int64_t in, std::int64_t out, const at::TensorOp
   weight = register_parameter("weight", at::empty({out, in}, options));
 }
 
-at::Tensor T5LinearImpl::forward(const at::Tensor& x) { return at::linear(x, weight); }
+at::Tensor T5LinearImpl::forward(const at::Tensor& x) { return linear_f32_accumulate(x, weight); }
 
 T5EmbeddingImpl::T5EmbeddingImpl(std::int64_t rows, std::int64_t cols, const at::TensorOptions& options) {
   weight = register_parameter("weight", at::empty({rows, cols}, options));
@@ -302,9 +302,9 @@ at::Tensor T5AttentionImpl::forward(const at::Tensor& x, const at::Tensor& bias)
   const at::Tensor kh = heads_first(k(x));
   const at::Tensor vh = heads_first(v(x));
   // T5 folds the scale into its weights: no 1/sqrt(head_dim) here.
-  const at::Tensor logits = at::matmul(qh, kh.transpose(-1, -2)) + bias;
+  const at::Tensor logits = matmul_f32_accumulate(qh, kh.transpose(-1, -2)) + bias;
   const at::Tensor probs = at::softmax(logits.to(at::kFloat), -1).to(logits.scalar_type());
-  const at::Tensor mixed = at::matmul(probs, vh).transpose(1, 2).reshape({batch, length, -1});
+  const at::Tensor mixed = matmul_f32_accumulate(probs, vh).transpose(1, 2).reshape({batch, length, -1});
   return o(mixed);
 }
 

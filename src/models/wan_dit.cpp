@@ -37,11 +37,9 @@ std::string shape_string(at::IntArrayRef shape) {
 // what f16 GPU kernels do, accumulating in f32).
 bool cpu_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf && t.device().is_cpu(); }
 
+// The f16 (and, on CPUs without AVX-512, bf16) emulation is linear_f32_accumulate's widening.
 at::Tensor linear_in_weight_dtype(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  if (cpu_half(weight)) {
-    return at::linear(x.to(at::kHalf).to(at::kFloat), weight.to(at::kFloat), bias.to(at::kFloat)).to(at::kHalf);
-  }
-  return at::linear(x.to(weight.scalar_type()), weight, bias);
+  return linear_f32_accumulate(x.to(weight.scalar_type()), weight, bias);
 }
 
 at::Tensor gelu_tanh(const at::Tensor& x) {

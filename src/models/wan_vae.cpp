@@ -104,7 +104,7 @@ class CausalConv3dImpl : public torch::nn::Module {
     if (front > 0 || padding_[1] > 0 || padding_[2] > 0) {
       input = at::constant_pad_nd(input, {padding_[2], padding_[2], padding_[1], padding_[1], front, 0}, 0);
     }
-    return at::conv3d(input, weight, bias, {stride_[0], stride_[1], stride_[2]});
+    return conv3d_f32_accumulate(input, weight, bias, {stride_[0], stride_[1], stride_[2]});
   }
 
   at::Tensor weight, bias;
