@@ -367,32 +367,6 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   at::Tensor step;
   ar.read("step", step);
   CHECK(step.item<std::int64_t>() == 3);
-
-  // Refinement trains the written VAE's decoder only: the encoder side (encoder.*, quant_conv.*)
-  // comes back bitwise, so the latents the DiT was trained on stay exactly the same.
-  std::map<std::string, at::Tensor> before;
-  for (const auto& key : WeightFile::open(files.vae)->keys()) before[key] = WeightFile::open(files.vae)->load(key).clone();
-  c.vae_refine_steps = 2;
-  o.stage = "vae-refine";
-  o.resume = false;
-  train_demo(c, o);
-  CHECK(fs::exists(dir / "train-state" / "vae-refine.pt"));
-  const auto after = WeightFile::open(files.vae);
-  REQUIRE(after->keys().size() == before.size());
-  int encoder_side = 0, decoder_changed = 0;
-  for (const auto& [key, old_value] : before) {
-    const at::Tensor now = after->load(key);
-    if (key.rfind("encoder.", 0) == 0 || key.rfind("quant_conv.", 0) == 0) {
-      ++encoder_side;
-      CHECK(at::equal(now, old_value));
-    } else if (!at::equal(now, old_value)) {
-      ++decoder_changed;
-    }
-  }
-  CHECK(encoder_side > 0);
-  CHECK(decoder_changed > 0);
-  c.vae_refine_steps = 0;
-  CHECK_THROWS_AS(train_demo(c, o), InputError);  // no budget
   fs::remove_all(dir);
 }
 

@@ -14,15 +14,15 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
   struct Args {
     demo::DemoTrainOptions options;
     std::string train_config;
-    double vae_minutes = -1, dit_minutes = -1, vae_decoder_minutes = -1, vae_refine_minutes = -1;
-    std::int64_t vae_steps = -1, dit_steps = -1, vae_decoder_steps = -1, vae_refine_steps = -1, batch = -1, vae_batch = -1, pool_size = -1;
+    double vae_minutes = -1, dit_minutes = -1, vae_decoder_minutes = -1;
+    std::int64_t vae_steps = -1, dit_steps = -1, vae_decoder_steps = -1, batch = -1, vae_batch = -1, pool_size = -1;
     std::int64_t seed = -1;
     std::string bf16;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("train-demo", "Train the built-in shapes demo model from scratch (tokenizer, VAE, DiT)");
   cmd->add_option("--out", args->options.out_dir, "Model directory to write (diffusers layout; training state in OUT/train-state)")->required();
-  cmd->add_option("--stage", args->options.stage, "tokenizer, vae, vae-decoder (only the VAE's decoder phase), dit, vae-refine (more decoder training of the written VAE; the latents stay) or all")->capture_default_str();
+  cmd->add_option("--stage", args->options.stage, "tokenizer, vae, vae-decoder (only the VAE's decoder phase), dit or all")->capture_default_str();
   cmd->add_option("--train-config", args->train_config, "Hyper-parameter JSON (default: built in, = configs/shapes-demo.json)");
   cmd->add_option("--vae-minutes", args->vae_minutes, "VAE training budget in minutes (counted over resumed runs)");
   cmd->add_option("--dit-minutes", args->dit_minutes, "DiT training budget in minutes (counted over resumed runs)");
@@ -30,9 +30,6 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--vae-decoder-minutes", args->vae_decoder_minutes,
                   "Budget of the VAE's decoder phase (frozen encoder, whole clips) in minutes; 0: skip it");
   cmd->add_option("--vae-decoder-steps", args->vae_decoder_steps, "Budget of the VAE's decoder phase in steps (overrides minutes)");
-  cmd->add_option("--vae-refine-minutes", args->vae_refine_minutes,
-                  "Budget of the VAE refinement (decoder training of the written VAE, after the DiT) in minutes; 0: none");
-  cmd->add_option("--vae-refine-steps", args->vae_refine_steps, "Budget of the VAE refinement in steps (overrides minutes)");
   cmd->add_option("--dit-steps", args->dit_steps, "DiT training budget in steps (overrides minutes)");
   cmd->add_option("--batch", args->batch, "DiT batch size");
   cmd->add_option("--vae-batch", args->vae_batch, "VAE batch size");
@@ -49,9 +46,7 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
     if (args->vae_minutes >= 0) { config.vae_minutes = args->vae_minutes; config.vae_steps = 0; }
     if (args->dit_minutes >= 0) { config.dit_minutes = args->dit_minutes; config.dit_steps = 0; }
     if (args->vae_decoder_minutes >= 0) { config.vae_decoder_minutes = args->vae_decoder_minutes; config.vae_decoder_steps = 0; }
-    if (args->vae_refine_minutes >= 0) { config.vae_refine_minutes = args->vae_refine_minutes; config.vae_refine_steps = 0; }
     if (args->vae_steps >= 0) config.vae_steps = args->vae_steps;
-    if (args->vae_refine_steps >= 0) config.vae_refine_steps = args->vae_refine_steps;
     if (args->vae_decoder_steps >= 0) config.vae_decoder_steps = args->vae_decoder_steps;
     if (args->dit_steps >= 0) config.dit_steps = args->dit_steps;
     if (args->batch > 0) config.dit_batch = args->batch;

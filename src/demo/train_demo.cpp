@@ -335,8 +335,6 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("vae_decoder_minutes", c.vae_decoder_minutes);
   get("vae_decoder_lr", c.vae_decoder_lr);
   get("vae_decoder_frames", c.vae_decoder_frames);
-  get("vae_refine_steps", c.vae_refine_steps);
-  get("vae_refine_minutes", c.vae_refine_minutes);
   get("vae_object_mse_weight", c.vae_object_mse_weight);
   get("vae_colour_weight", c.vae_colour_weight);
   get("vae_validate_every", c.vae_validate_every);
@@ -382,8 +380,6 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (!(c.vae_latent_noise >= 0)) throw InputError("demo training config: vae_latent_noise must be >= 0");
   if (c.vae_decoder_steps < 0 || c.vae_decoder_minutes < 0 || !(c.vae_decoder_lr > 0))
     throw InputError("demo training config: vae_decoder_steps and vae_decoder_minutes must be >= 0, vae_decoder_lr > 0");
-  if (c.vae_refine_steps < 0 || !(c.vae_refine_minutes >= 0))
-    throw InputError("demo training config: vae_refine_steps and vae_refine_minutes must be >= 0");
   if (c.vae_crop < 0 || c.vae_crop % 16 != 0 || c.vae_crop > std::min(c.width, c.height))
     throw InputError("demo training config: vae_crop must be 0 or a multiple of 16 no larger than the frame");
   if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
@@ -433,8 +429,6 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["vae_decoder_minutes"] = vae_decoder_minutes;
   j["vae_decoder_lr"] = vae_decoder_lr;
   j["vae_decoder_frames"] = vae_decoder_frames;
-  j["vae_refine_steps"] = vae_refine_steps;
-  j["vae_refine_minutes"] = vae_refine_minutes;
   j["vae_object_mse_weight"] = vae_object_mse_weight;
   j["vae_colour_weight"] = vae_colour_weight;
   j["vae_validate_every"] = vae_validate_every;
@@ -837,8 +831,14 @@ DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at
                        std::to_string(config_.dit.text_len));
   vae_->eval();
   for (auto& p : vae_->parameters()) p.set_requires_grad(false);
+  // Autocast calls LibTorch's bf16 GEMMs directly, so "auto" also refuses a CPU where they would
+  // sum in bf16 (common.h: cpu_gemm_needs_widening); "on" is obeyed with a warning there.
+  const bool bf16_sums_in_f32 = !cpu_gemm_needs_widening(at::kBFloat16);
   bf16_autocast_ = config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::On ||
-                   (config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::Auto && cpu_bf16_gemm_is_faster());
+                   (config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::Auto && bf16_sums_in_f32 &&
+                    cpu_bf16_gemm_is_faster());
+  if (bf16_autocast_ && !bf16_sums_in_f32)
+    log_warning("dit: bf16 autocast on a CPU where LibTorch's bf16 GEMM sums in bf16: gradients lose most digits");
   torch::manual_seed(seed);
   dit_ = WanDiT(config_.dit);
   dit_->reset_parameters();
@@ -1117,17 +1117,9 @@ double warmup_cosine(const Budget& budget, std::int64_t step, double elapsed, st
   return warm * (0.1 + 0.45 * (1.0 + std::cos(M_PI * std::min(1.0, done))));
 }
 
-enum class VAEStage {
-  Full,         // "vae": the first phase, then the decoder phase
-  DecoderOnly,  // "vae-decoder": the decoder phase from the first phase's final state
-  Refine,       // "vae-refine": decoder-phase training of the VAE written to the model directory
-};
-
 // The first phase (windowed, whole VAE) and the decoder phase (frozen encoder, whole clips); the
-// "vae-decoder" stage runs only the latter, from the first phase's final state, and "vae-refine"
-// continues the decoder training of the written VAE.
-void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& options, VAEStage kind) {
-  const bool decoder_only = kind == VAEStage::DecoderOnly;
+// "vae-decoder" stage runs only the latter, from the first phase's final state.
+void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& options, bool decoder_only) {
   const fs::path root(options.out_dir), state_dir = root / "train-state";
   const std::string state = (state_dir / "vae.pt").string(), decoder_state = (state_dir / "vae-decoder.pt").string();
   const bool decoder_phase = config.vae_decoder_steps > 0 || config.vae_decoder_minutes > 0;
@@ -1164,32 +1156,6 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     log_info(name + ": " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));
     log_info(name + ": round trip " + round_trip_line(trainer.vae(), config));
   };
-
-  if (kind == VAEStage::Refine) {
-    if (config.vae_refine_steps == 0 && config.vae_refine_minutes == 0)
-      throw InputError("train-demo: the vae-refine stage needs vae_refine_steps or vae_refine_minutes above 0");
-    const std::string refine_state = (state_dir / "vae-refine.pt").string();
-    const bool resume_refine = options.resume && fs::exists(refine_state);
-    // The written weights carry the folded latent statistics: the trainer's VAE (no normalisation
-    // of its own) then works in the written model's raw latent space, which the frozen encoder
-    // and conv1 keep. Written back as they are, without measuring the statistics again.
-    if (!resume_refine) {
-      WanVAE written = load_trained_vae(root);
-      copy_parameters(*written, *trainer.vae());
-      log_info("vae refine: starting from " + (root / "vae").string() + ", round trip " +
-               round_trip_line(trainer.vae(), config));
-    }
-    trainer.start_decoder_phase();
-    train_phase("vae refine", refine_state, Budget{config.vae_refine_steps, config.vae_refine_minutes}, 20,
-                resume_refine);
-    WanVAE refined(config.vae);
-    copy_parameters(*trainer.vae(), *refined);
-    refined->eval();
-    write_vae(root, refined);
-    write_pipeline_files(root, config);
-    log_info("vae refine: written to " + (root / "vae").string());
-    return;
-  }
 
   if (!decoder_only && !resume_decoder) {
     train_phase("vae", state, Budget{config.vae_steps, config.vae_minutes}, 100, options.resume && fs::exists(state));
@@ -1264,8 +1230,8 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
 void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) {
   if (options.out_dir.empty()) throw InputError("train-demo: --out is required");
   const std::string& s = options.stage;
-  if (s != "tokenizer" && s != "vae" && s != "vae-decoder" && s != "dit" && s != "vae-refine" && s != "all")
-    throw InputError("train-demo: unknown stage '" + s + "' (expected tokenizer, vae, vae-decoder, dit, vae-refine or all)");
+  if (s != "tokenizer" && s != "vae" && s != "vae-decoder" && s != "dit" && s != "all")
+    throw InputError("train-demo: unknown stage '" + s + "' (expected tokenizer, vae, vae-decoder, dit or all)");
   // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
   // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).
   at::globalContext().setFlushDenormal(true);
@@ -1277,11 +1243,9 @@ void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) 
     const auto tok = WanTokenizer::from_file(path);
     log_info("tokenizer: " + std::to_string(tok.vocab_size()) + " pieces -> " + path);
   }
-  if (s == "vae" || s == "all") run_vae_stage(config, options, VAEStage::Full);
-  if (s == "vae-decoder") run_vae_stage(config, options, VAEStage::DecoderOnly);
+  if (s == "vae" || s == "all") run_vae_stage(config, options, /*decoder_only=*/false);
+  if (s == "vae-decoder") run_vae_stage(config, options, /*decoder_only=*/true);
   if (s == "dit" || s == "all") run_dit_stage(config, options);
-  const bool refine = config.vae_refine_steps > 0 || config.vae_refine_minutes > 0;
-  if (s == "vae-refine" || (s == "all" && refine)) run_vae_stage(config, options, VAEStage::Refine);
 }
 
 }  // namespace vdit::demo

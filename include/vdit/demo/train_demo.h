@@ -92,12 +92,6 @@ struct DemoTrainConfig {
   double vae_decoder_minutes = 10;       // 0 with vae_decoder_steps 0: no decoder phase
   double vae_decoder_lr = 3e-4;
   std::int64_t vae_decoder_frames = 0;
-  // Refinement: more decoder-phase training (same learning rate, frames and crop) on the VAE
-  // already written to the model directory, run after the DiT stage. The encoder and conv1 stay
-  // frozen and the latent statistics are not measured again, so the latents, and the DiT trained
-  // on them, are exactly those of the written model. 0 and 0: no refinement.
-  std::int64_t vae_refine_steps = 0;  // 0: use minutes
-  double vae_refine_minutes = 0;
   std::int64_t vae_validate_every = 200;  // steps between round-trip judge checks (0: never)
   std::int64_t vae_validate_clips = 30;   // clips encoded, decoded and judged per check
 
@@ -151,10 +145,8 @@ struct DemoTrainConfig {
 
 struct DemoTrainOptions {
   std::string out_dir;
-  // tokenizer | vae | vae-decoder | dit | vae-refine | all. "vae" runs both VAE phases;
-  // "vae-decoder" only the decoder phase, starting from a finished first phase
-  // (train-state/vae.pt); "vae-refine" the refinement, from the written vae/. "all" runs
-  // tokenizer, vae, dit and, when it has a budget, vae-refine.
+  // tokenizer | vae | vae-decoder | dit | all. "vae" runs both VAE phases; "vae-decoder" only the
+  // decoder phase, starting from a finished first phase (train-state/vae.pt).
   std::string stage = "all";
   bool resume = false;
   bool quiet_progress = false;
