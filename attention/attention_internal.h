@@ -106,8 +106,8 @@ at::Tensor generic_full_attention(const at::Tensor& q, const at::Tensor& k, cons
 at::Tensor generic_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                     const WindowPlan& plan, const Grid3& grid);
 
-// Whether the CPU backend runs its GEMMs in bf16 for bf16 inputs (AMX present, or forced by the
-// tuning); otherwise bf16 blocks are widened to f32 for the GEMMs.
+// Whether the CPU backend runs its GEMMs in bf16 for bf16 inputs (AMX, or AVX512-BF16 on an AMD
+// CPU, or forced by the tuning); otherwise bf16 blocks are widened to f32 for the GEMMs.
 bool cpu_has_amx_bf16();
 bool bf16_gemms();
 

@@ -103,7 +103,7 @@ struct AttentionTuning {
   std::int64_t key_block = 0;      // full attention: keys per block
   std::int64_t window_queries = 0; // windowed: largest query box
   std::int64_t window_keys = 0;    // windowed: largest key chunk of a box's window union
-  int bf16_gemm = 0;               // CPU, bf16 inputs: 1 GEMMs in bf16, -1 widened to f32, 0 bf16 only with AMX
+  int bf16_gemm = 0;               // CPU, bf16 inputs: 1 GEMMs in bf16, -1 widened to f32, 0 bf16 with AMX or on AMD AVX512-BF16
 };
 AttentionTuning attention_tuning();
 void set_attention_tuning(const AttentionTuning& tuning);
