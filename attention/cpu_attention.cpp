@@ -16,8 +16,6 @@
 // core then stalls every block, and small GEMMs do not scale anyway.
 #include "attention_internal.h"
 
-#include "vdit/common.h"
-
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
