@@ -24,6 +24,7 @@ void register_bench_command(CLI::App& app, GlobalOptions& global) {
     double scale_factor = 1.0;
     bool no_naive = false, no_full = false;
     std::uint64_t seed = 0;
+    AttentionTuning tuning;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = bench->add_subcommand("attention", "Time vdit attention against a plain GEMM and naive attention");
@@ -37,6 +38,10 @@ void register_bench_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--repeats", args->repeats, "Timed runs (median reported)")->capture_default_str();
   cmd->add_option("--scale-factor", args->scale_factor, "Softmax temperature factor (FreeSwim: 1.04608)")->capture_default_str();
   cmd->add_option("--seed", args->seed, "Random seed of q, k, v")->capture_default_str();
+  cmd->add_option("--query-block", args->tuning.query_block, "Full attention: query rows per block (0: built-in choice)");
+  cmd->add_option("--key-block", args->tuning.key_block, "Full attention: keys per block (0: built-in choice)");
+  cmd->add_option("--window-queries", args->tuning.window_queries, "Windowed: largest query box (0: built-in choice)");
+  cmd->add_option("--window-keys", args->tuning.window_keys, "Windowed: largest key chunk (0: built-in choice)");
   cmd->add_flag("--no-naive", args->no_naive, "Skip the materialised attention");
   cmd->add_flag("--no-full", args->no_full, "Windowed: skip the full-attention comparison");
   cmd->callback([args, &global] {
@@ -54,6 +59,8 @@ void register_bench_command(CLI::App& app, GlobalOptions& global) {
     o.naive = !args->no_naive;
     o.compare_full = !args->no_full;
     o.seed = args->seed;
+    // Block sizes are process-wide settings of the engine; the JSON line reports the ones used.
+    set_attention_tuning(args->tuning);
     std::cout << run_attention_bench(o).dump() << std::endl;
   });
 }
