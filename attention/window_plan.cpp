@@ -118,8 +118,9 @@ namespace {
 
 constexpr std::int64_t kDefaultWindowQueries = 512;
 // Key chunks of 2048: measured on the 20 % window of Wan 480p (21x30x52, 4 heads, bf16, AMD EPYC),
-// one process, 3 runs each: 8192 keys 2.25-2.36 s, 4096 1.73 s, 2048 1.76 s (scores of a chunk
-// stay nearer the cache; the extra online-softmax rescales cost little).
+// one process per setting, median of 3: 8192 keys 2.25-2.36 s (0.63-0.66 of the ideal speed-up
+// over full attention), 4096 1.73 s (0.76), 2048 1.76 s (0.79); 4096 and 2048 are within this
+// machine's noise, and the smaller chunk keeps the per-worker score block 4x smaller.
 constexpr std::int64_t kDefaultWindowKeys = 2048;
 // Per-row overhead of a box (gathers, softmax row set-up, GEMM edge effects) in units of "one
 // more query row of work": a box of Q queries costs about spent·(1 + kRowOverhead/Q).

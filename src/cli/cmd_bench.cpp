@@ -60,7 +60,10 @@ void register_bench_command(CLI::App& app, GlobalOptions& global) {
     o.compare_full = !args->no_full;
     o.seed = args->seed;
     // Block sizes are process-wide settings of the engine; the JSON line reports the ones used.
-    set_attention_tuning(args->tuning);
+    const AttentionTuning& t = args->tuning;
+    if (t.query_block < 0 || t.key_block < 0 || t.window_queries < 0 || t.window_keys < 0)
+      throw InputError("bench attention: block sizes must be >= 0 (0: built-in choice)");
+    set_attention_tuning(t);
     std::cout << run_attention_bench(o).dump() << std::endl;
   });
 }
