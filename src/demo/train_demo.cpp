@@ -14,6 +14,9 @@
 #include <ATen/autocast_mode.h>
 
 #include <spawn.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <sys/wait.h>
 #include <fcntl.h>
 
@@ -1235,6 +1238,16 @@ void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) 
   // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
   // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).
   at::globalContext().setFlushDenormal(true);
+#if defined(__GLIBC__)
+  // Keep freed tensor buffers in the heap instead of returning them to the kernel: glibc maps every
+  // block above its (adaptive) threshold afresh and trims the heap on free, so each training step
+  // re-faults its activations. Measured on this project's 2-core CPU: a 1x1x1-patch DiT at batch 8
+  // ran 2.0 s/step with glibc's defaults and 1.0 s/step with these (system time per 10 steps
+  // 15.7 -> 3.2 s); 100 VAE steps took 40.8 s against 37.0 s (system time 4.8 -> 1.5 s), with the
+  // same losses. Training holds a steady working set, so the heap does not grow without bound.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
   const fs::path root(options.out_dir);
   fs::create_directories(root / "train-state");
   write_text(root / "train-state" / "config.json", config.to_json().dump(2) + "\n");
