@@ -1241,10 +1241,12 @@ void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) 
 #if defined(__GLIBC__)
   // Keep freed tensor buffers in the heap instead of returning them to the kernel: glibc maps every
   // block above its (adaptive) threshold afresh and trims the heap on free, so each training step
-  // re-faults its activations. Measured on this project's 2-core CPU: a 1x1x1-patch DiT at batch 8
-  // ran 2.0 s/step with glibc's defaults and 1.0 s/step with these (system time per 10 steps
-  // 15.7 -> 3.2 s); 100 VAE steps took 40.8 s against 37.0 s (system time 4.8 -> 1.5 s), with the
-  // same losses. Training holds a steady working set, so the heap does not grow without bound.
+  // re-faults its activations. Measured on this project's 2-core CPU (trainer timings, not bench/):
+  // 100 VAE steps took 40.8 s with glibc's defaults and 37.0 s with these calls (system time
+  // 4.8 -> 1.5 s), with the same losses; a 1x1x1-patch DiT at batch 8 ran 2.0 s/step by default and
+  // 1.0 s/step with the same two thresholds set to 4 GiB through MALLOC_MMAP_THRESHOLD_ and
+  // MALLOC_TRIM_THRESHOLD_ (system time per 10 steps 15.7 -> 3.2 s). Training holds a steady
+  // working set, so the heap does not grow without bound.
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 #endif
