@@ -226,6 +226,13 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   return x.squeeze(0).to(at::kCPU);
 }
 
+at::Tensor WanT2VPipeline::encode(const at::Tensor& video) {
+  c10::InferenceMode guard;
+  load_vae();
+  at::Tensor latent = (*vae_)->encode(video.to(options_.device, at::kFloat).unsqueeze(0), options_.vae_tiling);
+  return latent.squeeze(0).to(at::kCPU);
+}
+
 at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
   c10::InferenceMode guard;
   load_vae();

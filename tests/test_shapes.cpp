@@ -446,3 +446,33 @@ TEST_CASE("vdit eval shapes generates, judges and saves clips with a model", "[s
                  out) == 2);
   CHECK_FALSE(fs::exists(dir.path / "refused"));
 }
+
+TEST_CASE("vdit eval shapes --round-trip judges rendered clips through the model's VAE only", "[shapes][cli]") {
+  TempDir dir;
+  const fs::path model = vdit_test::make_tiny_model(dir.path / "model", "diffusers");
+  const std::string common = "--quiet eval shapes --model " + model.string() + " --size 32x32 --frames 5 --clips 2 --seed 4 --round-trip ";
+  std::string out;
+  REQUIRE(run_vdit(common + "--json --save-dir " + (dir.path / "clean").string(), out) == 0);
+  INFO(out);
+  const auto j = nlohmann::json::parse(out);
+  CHECK(j["clips"] == 2);
+  CHECK(j["source"] == "round-trip");
+  CHECK(j["latent_noise"] == 0.0);
+  const auto meta = nlohmann::json::parse(read_png_text((dir.path / "clean" / "clip_0001.png").string()).at(0).second);
+  CHECK(meta["source"] == "VAE round trip");
+  std::mt19937_64 captions(4);
+  CHECK(meta["prompt"] == random_caption(captions).text());  // the same captions as --render-only
+
+  // Latent noise is seeded per clip (seed + i): the same run twice gives the same pixels, and the
+  // noise changes them.
+  const auto sheet = [&](const std::string& run) { return read_image((dir.path / run / "clip_0002.png").string()); };
+  REQUIRE(run_vdit(common + "--latent-noise 2 --save-dir " + (dir.path / "noisy1").string(), out) == 0);
+  REQUIRE(run_vdit(common + "--latent-noise 2 --save-dir " + (dir.path / "noisy2").string(), out) == 0);
+  CHECK(at::equal(sheet("noisy1"), sheet("noisy2")));
+  CHECK_FALSE(at::equal(sheet("noisy1"), sheet("clean")));
+
+  for (const std::string bad : {"--round-trip --render-only", "--round-trip --latent-noise -1", "--latent-noise 0.5"}) {
+    CHECK(run_vdit("eval shapes --model " + model.string() + " " + bad, out) == 2);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+  }
+}

@@ -1,7 +1,9 @@
 // `vdit eval shapes`: how often the demo model draws what its caption asks for. Random captions
 // of the shapes domain are generated with the text-to-video pipeline and scored from their
 // pixels by shapes::judge_clip (colour, shape, motion); --render-only scores rendered
-// ground-truth clips instead, which checks the judge itself without a model.
+// ground-truth clips instead, which checks the judge itself without a model; --round-trip
+// scores rendered clips after the model's VAE alone (optionally with latent noise), the ceiling a
+// DiT on that VAE can reach.
 #include "cli_common.h"
 #include "commands.h"
 
@@ -50,6 +52,8 @@ struct EvalOptions {
   std::string save_dir;
   bool json = false;
   bool render_only = false;
+  bool round_trip = false;    // rendered clips through the model's VAE only (no text encoder, no DiT)
+  double latent_noise = 0;   // round trip: Gaussian noise of this std added to the normalised latent
   bool overwrite = false;
 };
 
@@ -105,6 +109,9 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   if (width < 32 || height < 32)
     throw InputError("--size " + o.size + ": the shapes domain needs at least 32x32");
   if (o.frames < 1) throw InputError("--frames must be at least 1");
+  if (o.round_trip && o.render_only) throw InputError("--round-trip and --render-only exclude each other");
+  if (!(o.latent_noise >= 0)) throw InputError("--latent-noise must be >= 0");
+  if (o.latent_noise > 0 && !o.round_trip) throw InputError("--latent-noise needs --round-trip");
 
   std::string model_dir;
   if (!o.render_only) {
@@ -136,7 +143,19 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   std::map<std::string, at::Tensor> contexts;  // caption text -> [L, text_dim]
   at::Tensor null_context;
   const bool guided = o.guidance != 1.0;
-  if (!o.render_only) {
+  if (o.round_trip) {
+    WanModelFiles files = locate_wan_model(model_dir);
+    WanT2VOptions options;
+    options.device = parse_device(global.device);
+    install_interrupt_cleanup();
+    pipeline.emplace(files, options);
+    validate_t2v_settings(settings, pipeline->latent_geometry());
+    std::ostringstream noise;
+    noise << o.latent_noise;
+    log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips through the VAE of " + model_dir + ", " +
+             std::to_string(width) + "x" + std::to_string(height) + ", " + std::to_string(o.frames) +
+             " frames, latent noise " + noise.str());
+  } else if (!o.render_only) {
     WanModelFiles files = locate_wan_model(model_dir);
     WanT2VOptions options;
     options.device = parse_device(global.device);
@@ -181,9 +200,17 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     // reproduces any clip of the run.
     const std::uint64_t clip_seed = static_cast<std::uint64_t>(o.seed) + static_cast<std::uint64_t>(i);
     at::Tensor video;
-    if (o.render_only) {
+    if (o.render_only || o.round_trip) {
       const ClipLayout layout = random_layout(truth, width, height, layout_rng);
       video = render_clip(truth, layout, o.frames, width, height);
+      if (o.round_trip) {
+        // The noise stands in for a DiT sample's error: how much the decoder's shapes survive a
+        // latent that misses by about this much (the demo VAE's latent has unit spread per channel).
+        at::Tensor latent = pipeline->encode(video);
+        if (o.latent_noise > 0)
+          latent = latent + o.latent_noise * seeded_noise(latent.sizes().vec(), clip_seed);
+        video = pipeline->decode(latent);
+      }
     } else {
       // DiT and VAE stay loaded together for the whole run: the demo model is small, and a
       // verdict per clip as it is made beats holding every latent until the DiT is released.
@@ -196,7 +223,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
 
     std::ostringstream line;
     line << "[" << std::setw(digits) << (i + 1) << "/" << o.clips << "] ";
-    if (!o.render_only) line << "seed " << clip_seed << "  ";
+    if (!o.render_only && !(o.round_trip && o.latent_noise == 0)) line << "seed " << clip_seed << "  ";
     line << truth.text() << "  ->  " << judged_text(j) << "  " << verdict(truth, j);
     log_info(line.str());
 
@@ -209,6 +236,13 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                                                   {"software", "vdit eval shapes"}};
       if (o.render_only) {
         metadata["source"] = "rendered";
+      } else if (o.round_trip) {
+        std::ostringstream noise;
+        noise << o.latent_noise;
+        metadata["source"] = "VAE round trip";
+        metadata["latent noise"] = noise.str();
+        if (o.latent_noise > 0) metadata["seed"] = std::to_string(clip_seed);
+        metadata["model"] = model_dir;
       } else {
         metadata["seed"] = std::to_string(clip_seed);
         metadata["steps"] = std::to_string(o.steps);
@@ -232,7 +266,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     // stdout carries only the JSON line, so the command can feed a script.
     log_info(report);
     nlohmann::json j = {{"task", "shapes"},
-                        {"source", o.render_only ? "rendered" : "generated"},
+                        {"source", o.render_only ? "rendered" : o.round_trip ? "round-trip" : "generated"},
                         {"clips", summary.clips},
                         {"colour", summary.accuracy(summary.colour_right)},
                         {"shape", summary.accuracy(summary.shape_right)},
@@ -245,7 +279,10 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                         {"size", std::to_string(width) + "x" + std::to_string(height)},
                         {"frames", o.frames},
                         {"seconds", seconds}};
-    if (!o.render_only) {
+    if (o.round_trip) {
+      j["model"] = model_dir;
+      j["latent_noise"] = o.latent_noise;
+    } else if (!o.render_only) {
       j["model"] = model_dir;
       j["steps"] = o.steps;
       j["guidance"] = o.guidance;
@@ -282,6 +319,11 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_flag("--overwrite", o->overwrite, "Replace existing contact sheets in --save-dir");
   cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies on stdout (the report goes to stderr)");
   cmd->add_flag("--render-only", o->render_only, "Judge rendered ground-truth clips instead of generated ones (no model)");
+  cmd->add_flag("--round-trip", o->round_trip,
+                "Judge rendered clips after the model's VAE encodes and decodes them (the VAE's ceiling; no DiT)");
+  cmd->add_option("--latent-noise", o->latent_noise,
+                  "With --round-trip: add Gaussian noise of this std to the latent before decoding (seed+i per clip)")
+      ->capture_default_str();
   cmd->callback([o, cmd, &global] { run_eval_shapes(*o, *cmd, global); });
 }
 

@@ -90,6 +90,9 @@ class WanT2VPipeline {
   // the DiT if needed. Returns the final latent.
   at::Tensor denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
                      const T2VSettings& settings, const StepCallback& on_step = {});
+  // Video [3, F, H, W] in [-1, 1] -> the posterior mean latent [C, F', h, w] in the normalised
+  // space decode() takes; loads the VAE if needed.
+  at::Tensor encode(const at::Tensor& video);
   // Latent [C, F', h, w] -> video [3, F, H, W] in [-1, 1]; loads the VAE if needed.
   at::Tensor decode(const at::Tensor& latent);
   // The whole run. Stage times are filled in.
