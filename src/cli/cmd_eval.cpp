@@ -94,6 +94,13 @@ std::string verdict(const Caption& truth, const Judgement& j) {
   return wrong.empty() ? "ok" : "WRONG " + wrong;
 }
 
+// A number as the stream prints it (2.5, not std::to_string's 2.500000).
+std::string number_text(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
 std::string sheet_name(int index) {
   char buffer[32];
   std::snprintf(buffer, sizeof(buffer), "clip_%04d.png", index + 1);
@@ -143,27 +150,23 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   std::map<std::string, at::Tensor> contexts;  // caption text -> [L, text_dim]
   at::Tensor null_context;
   const bool guided = o.guidance != 1.0;
-  if (o.round_trip) {
+  if (!o.render_only) {
     WanModelFiles files = locate_wan_model(model_dir);
     WanT2VOptions options;
     options.device = parse_device(global.device);
+    if (!o.round_trip) {  // the compute dtype is the DiT's and text encoder's; the VAE runs in f32
+      options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
+      check_compute_dtype(options.dtype, options.device);
+    }
     install_interrupt_cleanup();
     pipeline.emplace(files, options);
     validate_t2v_settings(settings, pipeline->latent_geometry());
-    std::ostringstream noise;
-    noise << o.latent_noise;
+  }
+  if (o.round_trip) {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips through the VAE of " + model_dir + ", " +
              std::to_string(width) + "x" + std::to_string(height) + ", " + std::to_string(o.frames) +
-             " frames, latent noise " + noise.str());
+             " frames, latent noise " + number_text(o.latent_noise));
   } else if (!o.render_only) {
-    WanModelFiles files = locate_wan_model(model_dir);
-    WanT2VOptions options;
-    options.device = parse_device(global.device);
-    options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
-    check_compute_dtype(options.dtype, options.device);
-    install_interrupt_cleanup();
-    pipeline.emplace(files, options);
-    validate_t2v_settings(settings, pipeline->latent_geometry());
     // Every distinct caption (at most 90) and the negative prompt are encoded once, before the
     // DiT is loaded; the text encoder is released after.
     std::set<std::string> unique;
@@ -194,6 +197,8 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   JudgeSummary summary;
   const auto t0 = std::chrono::steady_clock::now();
   const int digits = static_cast<int>(std::to_string(o.clips).size());
+  // Generated clips draw their noise from the clip's seed, and so do noisy round trips.
+  const bool clips_use_seed = !o.render_only && !(o.round_trip && o.latent_noise == 0);
   for (int i = 0; i < o.clips; ++i) {
     const Caption& truth = captions[i];
     // Clip i uses seed + i, so `vdit generate -p CAPTION --seed SEED+i` with the same settings
@@ -223,7 +228,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
 
     std::ostringstream line;
     line << "[" << std::setw(digits) << (i + 1) << "/" << o.clips << "] ";
-    if (!o.render_only && !(o.round_trip && o.latent_noise == 0)) line << "seed " << clip_seed << "  ";
+    if (clips_use_seed) line << "seed " << clip_seed << "  ";
     line << truth.text() << "  ->  " << judged_text(j) << "  " << verdict(truth, j);
     log_info(line.str());
 
@@ -234,27 +239,18 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                                                   {"size", std::to_string(width) + "x" + std::to_string(height)},
                                                   {"frames", std::to_string(o.frames)},
                                                   {"software", "vdit eval shapes"}};
+      if (clips_use_seed) metadata["seed"] = std::to_string(clip_seed);
+      if (!o.render_only) metadata["model"] = model_dir;
       if (o.render_only) {
         metadata["source"] = "rendered";
       } else if (o.round_trip) {
-        std::ostringstream noise;
-        noise << o.latent_noise;
         metadata["source"] = "VAE round trip";
-        metadata["latent noise"] = noise.str();
-        if (o.latent_noise > 0) metadata["seed"] = std::to_string(clip_seed);
-        metadata["model"] = model_dir;
+        metadata["latent noise"] = number_text(o.latent_noise);
       } else {
-        metadata["seed"] = std::to_string(clip_seed);
         metadata["steps"] = std::to_string(o.steps);
         metadata["sampler"] = o.sampler;
-        const auto text = [](double v) {
-          std::ostringstream s;
-          s << v;
-          return s.str();
-        };
-        metadata["guidance"] = text(o.guidance);
-        if (o.shift != 0) metadata["shift"] = text(o.shift);
-        metadata["model"] = model_dir;
+        metadata["guidance"] = number_text(o.guidance);
+        if (o.shift != 0) metadata["shift"] = number_text(o.shift);
       }
       write_contact_sheet(video, (fs::path(o.save_dir) / sheet_name(i)).string(), metadata, 0, o.overwrite);
     }
