@@ -370,6 +370,60 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   fs::remove_all(dir);
 }
 
+TEST_CASE("train-demo: --decoder-from fine-tunes a finished VAE's decoder and leaves its encoder bit-exact", "[train]") {
+  const fs::path first = temp_dir("decoder_from_a"), second = temp_dir("decoder_from_b");
+  DemoTrainConfig c = micro_config();
+  c.vae_steps = 2;
+  DemoTrainOptions o;
+  o.out_dir = first.string();
+  o.stage = "vae";
+  o.quiet_progress = true;
+  train_demo(c, o);
+
+  // Fine-tune into another directory, which has no first-phase state of its own.
+  c.vae_decoder_steps = 3;
+  c.vae_gradient_weight = 1.0;
+  o.out_dir = second.string();
+  o.stage = "vae-decoder";
+  o.decoder_from = first.string();
+  train_demo(c, o);
+  CHECK_FALSE(fs::exists(second / "train-state" / "vae.pt"));
+  CHECK(fs::exists(second / "train-state" / "vae-decoder.pt"));
+
+  auto load = [](const fs::path& dir) {
+    auto file = WeightFile::open((dir / "vae" / "diffusion_pytorch_model.safetensors").string());
+    WanVAE vae(WanVAEConfig::infer_from_weights(*file));
+    load_wan_vae_weights(vae, *file, at::kFloat);
+    return vae;
+  };
+  WanVAE before = load(first), after = load(second);
+  auto after_params = after->named_parameters();
+  int encoder_params = 0, decoder_changed = 0;
+  for (const auto& p : before->named_parameters()) {
+    const bool frozen = p.key().rfind("encoder.", 0) == 0 || p.key().rfind("conv1.", 0) == 0;
+    if (frozen) {
+      ++encoder_params;
+      CHECK(at::equal(p.value(), after_params[p.key()]));  // not re-folded: the same latents
+    } else if (!at::equal(p.value(), after_params[p.key()])) {
+      ++decoder_changed;
+    }
+  }
+  CHECK(encoder_params > 0);
+  CHECK(decoder_changed > 0);
+
+  // Only with the vae-decoder stage, only from a VAE of the configured architecture.
+  o.stage = "vae";
+  CHECK_THROWS_AS(train_demo(c, o), InputError);
+  o.stage = "vae-decoder";
+  DemoTrainConfig wider = c;
+  wider.vae.dim = 8;
+  CHECK_THROWS_AS(train_demo(wider, o), InputError);
+  o.decoder_from = (first / "missing").string();
+  CHECK_THROWS_AS(train_demo(c, o), InputError);
+  fs::remove_all(first);
+  fs::remove_all(second);
+}
+
 // Timing of the real demo config (hidden: run with `vdit_tests "[.train-bench]"`): seconds per
 // VAE and DiT step, DiT in f32 and under bf16 autocast, to choose the defaults.
 TEST_CASE("train-demo: step timings of the shipped config", "[.train-bench]") {
@@ -439,6 +493,33 @@ TEST_CASE("train-demo: the VAE reconstruction loss is zero on a perfect round tr
   c.vae_colour_weight = 0;
   c.vae_object_mse_weight = 0;
   CHECK(vae_reconstruction_loss(shifted, batch.video, c).item<double>() == Approx(d / 3).epsilon(1e-5));
+}
+
+TEST_CASE("train-demo: the VAE's edge term counts the error of pixel differences inside the object's region",
+          "[train]") {
+  DemoTrainConfig c = micro_config();
+  c.vae_edge_margin = 0;
+  c.vae_object_mse_weight = 0;
+  c.vae_colour_weight = 0;
+  c.vae_foreground_weight = 0;  // leaves the background term, which is 0 below
+  c.vae_gradient_weight = 3.0;
+  // One frame of background with a red 2x2 object at rows and columns 3-4 (values in [-1, 1]).
+  at::Tensor video = (at::tensor({0.08f, 0.08f, 0.10f}).view({1, 3, 1, 1, 1}) * 2 - 1).expand({1, 3, 1, 8, 8}).clone();
+  video.narrow(3, 3, 2).narrow(4, 3, 2).copy_((at::tensor({0.90f, 0.15f, 0.15f}) * 2 - 1).view({1, 3, 1, 1, 1}).expand({1, 3, 1, 2, 2}));
+  CHECK(vae_reconstruction_loss(video, video, c).item<double>() == 0.0);
+  // The red channel raised by d on the object only: along each axis, 2 rows x 3 differences touch
+  // the object (two across its edges, one inside), so 12 differences x 3 channels; the 8 edge
+  // differences of the red channel are off by d. Edge term: 3 * 8 d / 36.
+  const double d = 0.1;
+  at::Tensor shifted = video.clone();
+  shifted.narrow(1, 0, 1).narrow(3, 3, 2).narrow(4, 3, 2).add_(d);
+  CHECK(vae_reconstruction_loss(shifted, video, c).item<double>() == Approx(3 * 8 * d / 36).epsilon(1e-5));
+  // A uniform offset of the whole frame leaves every difference unchanged.
+  c.vae_gradient_weight = 1.0;
+  const double uniform = vae_reconstruction_loss(video + 0.2, video, c).item<double>();
+  c.vae_gradient_weight = 0.0;
+  CHECK(uniform == Approx(vae_reconstruction_loss(video + 0.2, video, c).item<double>()).epsilon(1e-6));
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_gradient_weight", -1.0}}), vdit::InputError);
 }
 
 TEST_CASE("train-demo: the VAE training window keeps the first frames and the whole object", "[train]") {

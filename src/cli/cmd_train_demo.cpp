@@ -37,6 +37,9 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--seed", args->seed, "Training seed");
   cmd->add_option("--bf16", args->bf16,
                   "DiT under CPU bf16 autocast: on, off, or auto (when a bf16 GEMM is faster here; default: from the config)");
+  cmd->add_option("--decoder-from", args->options.decoder_from,
+                  "With --stage vae-decoder: fine-tune the decoder of this finished model's VAE (DIR/vae); its encoder, "
+                  "and so any DiT trained on it, stay as they are");
   cmd->add_flag("--resume", args->options.resume, "Continue from OUT/train-state");
   cmd->callback([args, &global] {
     (void)global;

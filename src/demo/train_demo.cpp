@@ -340,6 +340,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("vae_decoder_frames", c.vae_decoder_frames);
   get("vae_object_mse_weight", c.vae_object_mse_weight);
   get("vae_colour_weight", c.vae_colour_weight);
+  get("vae_gradient_weight", c.vae_gradient_weight);
   get("vae_validate_every", c.vae_validate_every);
   get("vae_validate_clips", c.vae_validate_clips);
   get("dit_batch", c.dit_batch);
@@ -387,6 +388,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
     throw InputError("demo training config: vae_crop must be 0 or a multiple of 16 no larger than the frame");
   if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
   if (c.pool_size < 1) throw InputError("demo training config: pool_size must be >= 1");
+  if (c.vae_gradient_weight < 0) throw InputError("demo training config: vae_gradient_weight must be >= 0");
   if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
   if (!(c.flow_shift > 0) || !(c.sample_shift > 0))
     throw InputError("demo training config: flow_shift and sample_shift must be > 0");
@@ -434,6 +436,7 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["vae_decoder_frames"] = vae_decoder_frames;
   j["vae_object_mse_weight"] = vae_object_mse_weight;
   j["vae_colour_weight"] = vae_colour_weight;
+  j["vae_gradient_weight"] = vae_gradient_weight;
   j["vae_validate_every"] = vae_validate_every;
   j["vae_validate_clips"] = vae_validate_clips;
   j["dit_batch"] = dit_batch;
@@ -591,6 +594,7 @@ at::Tensor vae_reconstruction_loss(const at::Tensor& recon, const at::Tensor& vi
     const std::int64_t k = 2 * config.vae_edge_margin + 1;
     fg = at::max_pool3d(fg, {1, k, k}, {1, 1, 1}, {0, config.vae_edge_margin, config.vae_edge_margin});
   }
+  const at::Tensor region = fg;  // [B, 1, F, H, W]
   fg = fg.expand_as(video);
   const at::Tensor diff = recon - video;
   const at::Tensor err = diff.abs() + config.vae_object_mse_weight * diff.pow(2);
@@ -604,6 +608,23 @@ at::Tensor vae_reconstruction_loss(const at::Tensor& recon, const at::Tensor& vi
     const at::Tensor mean_error = (diff * object).sum({3, 4}) / area.clamp_min(1.0);
     const at::Tensor colour_loss = (mean_error.abs() * present).sum() / (3.0 * present.sum().clamp_min(1.0));
     loss = loss + config.vae_colour_weight * colour_loss;
+  }
+  if (config.vae_gradient_weight > 0) {
+    // Error of the horizontal and vertical pixel differences inside the object's region. A
+    // rounded corner costs only a few pixels of |d|, but it changes the differences along both
+    // edges next to it, so this term pulls the decoder towards the square's sharp outline
+    // (measured: the round trip of 100 clips judged 14 of 29 squares circle with |d| + 2 d^2 alone).
+    // diff(recon - video) along an axis is the difference of the two images' gradients there.
+    at::Tensor error_sum = at::zeros({}, diff.options()), count = at::zeros({}, diff.options());
+    for (std::int64_t dim : {3, 4}) {
+      const std::int64_t n = diff.size(dim);
+      if (n < 2) continue;
+      const at::Tensor grad_error = diff.narrow(dim, 1, n - 1) - diff.narrow(dim, 0, n - 1);
+      const at::Tensor inside = at::maximum(region.narrow(dim, 1, n - 1), region.narrow(dim, 0, n - 1)).expand_as(grad_error);
+      error_sum = error_sum + (grad_error.abs() * inside).sum();
+      count = count + inside.sum();
+    }
+    loss = loss + config.vae_gradient_weight * error_sum / count.clamp_min(1.0);
   }
   return loss;
 }
@@ -707,6 +728,18 @@ void VAETrainer::load_weights(const std::string& path) {
   ar.load_from(path);
   ar.read("model", model);
   vae_->load(model);
+}
+
+void VAETrainer::load_finished_vae(const std::string& path) {
+  auto weights = WeightFile::open(path);
+  const WanVAEConfig found = WanVAEConfig::infer_from_weights(*weights);
+  const WanVAEConfig& want = config_.vae;
+  if (found.dim != want.dim || found.z_dim != want.z_dim || found.dim_mult != want.dim_mult ||
+      found.num_res_blocks != want.num_res_blocks || found.temporal_downsample != want.temporal_downsample)
+    throw InputError(path + ": its VAE architecture differs from the training config's vae section");
+  WanVAE finished(found);
+  load_wan_vae_weights(finished, *weights, at::kFloat);
+  copy_parameters(*finished, *vae_);
 }
 
 shapes::JudgeSummary judge_round_trip(WanVAE& vae, const DemoTrainConfig& config, std::int64_t clips, std::uint64_t seed) {
@@ -1160,7 +1193,14 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     log_info(name + ": round trip " + round_trip_line(trainer.vae(), config));
   };
 
-  if (!decoder_only && !resume_decoder) {
+  const bool from_model = !options.decoder_from.empty();
+  if (from_model && !decoder_only) throw InputError("train-demo: --decoder-from needs --stage vae-decoder");
+  if (from_model && !resume_decoder) {
+    const fs::path file = fs::path(options.decoder_from) / "vae" / "diffusion_pytorch_model.safetensors";
+    if (!fs::exists(file)) throw InputError(file.string() + " is missing: --decoder-from needs a finished model directory");
+    trainer.load_finished_vae(file.string());
+    log_info("vae decoder: starting from " + file.string() + ", round trip " + round_trip_line(trainer.vae(), config));
+  } else if (!decoder_only && !resume_decoder) {
     train_phase("vae", state, Budget{config.vae_steps, config.vae_minutes}, 100, options.resume && fs::exists(state));
   } else if (!resume_decoder) {
     if (!fs::exists(state)) throw InputError(state + " is missing: run the vae stage first");
@@ -1179,8 +1219,10 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
   WanVAEConfig final_config = config.vae;  // published latent statistics
   WanVAE final_vae(final_config);
   copy_parameters(*trainer.vae(), *final_vae);
-  auto [mean, std] = measure_latent_stats(trainer.vae(), config, config.vae_stats_clips, config.seed * 1000 + 7);
-  fold_latent_stats(final_vae, mean, std);
+  if (!from_model) {  // a finished model's VAE has its statistics folded in already
+    auto [mean, std] = measure_latent_stats(trainer.vae(), config, config.vae_stats_clips, config.seed * 1000 + 7);
+    fold_latent_stats(final_vae, mean, std);
+  }
   final_vae->eval();
   write_vae(root, final_vae);
   log_info("vae: written to " + (root / "vae").string());

@@ -68,6 +68,9 @@ struct DemoTrainConfig {
   // Weight of the per-frame mean-colour error of the object (its bare mask, reconstruction against
   // input): a direct signal for the palette, which the judge reads from the object's median colour.
   double vae_colour_weight = 4.0;
+  // Weight of the L1 error of horizontal and vertical pixel differences inside the object's region
+  // (the edges' sharpness). 0, the shipped recipe: off until a run shows it keeps squares square.
+  double vae_gradient_weight = 0.0;
   // Training windows: the VAE is convolutional (its attention is over whatever grid it gets), so it
   // trains on the first vae_frames frames (4n+1; 0: all) and a vae_crop x vae_crop window around
   // the object (multiple of 16; 0: the whole frame). 5 frames and 32x32 cost ~1/7 of a full clip,
@@ -151,6 +154,10 @@ struct DemoTrainOptions {
   // tokenizer | vae | vae-decoder | dit | all. "vae" runs both VAE phases; "vae-decoder" only the
   // decoder phase, starting from a finished first phase (train-state/vae.pt).
   std::string stage = "all";
+  // With stage "vae-decoder": start the decoder phase from this finished model's VAE (DIR/vae)
+  // instead of train-state/vae.pt, and write it back without re-measuring the latent statistics,
+  // so the encoder, its latents and a DiT trained on them stay exactly as they were.
+  std::string decoder_from;
   bool resume = false;
   bool quiet_progress = false;
 };
@@ -177,7 +184,8 @@ struct VAEStepResult {
 // The VAE's reconstruction loss for clips [B, 3, F, H, W] in [-1, 1] (see the comments in the
 // definition): object region (mask dilated by vae_edge_margin) and background averaged separately,
 // per-pixel error |d| + vae_object_mse_weight d^2, plus vae_colour_weight times the L1 of the
-// object's per-frame mean colour. Zero exactly when recon == video.
+// object's per-frame mean colour, plus vae_gradient_weight times the L1 of the error of pixel
+// differences along H and W inside the object's region. Zero exactly when recon == video.
 // The VAE's training input: the first config.vae_frames frames of each clip [B, 3, F, H, W] and a
 // vae_crop window per clip that contains the object's centre in the middle kept frame, at a random
 // offset drawn from `rng` (clamped inside the frame). Returns the input unchanged where both are 0.
@@ -202,6 +210,9 @@ class VAETrainer {
   void load_state(const std::string& path);
   // The weights alone (any phase's state file).
   void load_weights(const std::string& path);
+  // The weights of a finished VAE (a model's vae/ safetensors file). Throws InputError when its
+  // architecture differs from config.vae.
+  void load_finished_vae(const std::string& path);
 
  private:
   DemoTrainConfig config_;
