@@ -730,15 +730,12 @@ void VAETrainer::load_weights(const std::string& path) {
   vae_->load(model);
 }
 
-void VAETrainer::load_finished_vae(const std::string& path) {
-  auto weights = WeightFile::open(path);
-  const WanVAEConfig found = WanVAEConfig::infer_from_weights(*weights);
+void VAETrainer::load_finished_vae(WanVAE& finished, const std::string& source) {
+  const WanVAEConfig& found = finished->config();
   const WanVAEConfig& want = config_.vae;
   if (found.dim != want.dim || found.z_dim != want.z_dim || found.dim_mult != want.dim_mult ||
       found.num_res_blocks != want.num_res_blocks || found.temporal_downsample != want.temporal_downsample)
-    throw InputError(path + ": its VAE architecture differs from the training config's vae section");
-  WanVAE finished(found);
-  load_wan_vae_weights(finished, *weights, at::kFloat);
+    throw InputError(source + ": its VAE architecture differs from the training config's vae section");
   copy_parameters(*finished, *vae_);
 }
 
@@ -1196,10 +1193,10 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
   const bool from_model = !options.decoder_from.empty();
   if (from_model && !decoder_only) throw InputError("train-demo: --decoder-from needs --stage vae-decoder");
   if (from_model && !resume_decoder) {
-    const fs::path file = fs::path(options.decoder_from) / "vae" / "diffusion_pytorch_model.safetensors";
-    if (!fs::exists(file)) throw InputError(file.string() + " is missing: --decoder-from needs a finished model directory");
-    trainer.load_finished_vae(file.string());
-    log_info("vae decoder: starting from " + file.string() + ", round trip " + round_trip_line(trainer.vae(), config));
+    WanVAE finished = load_trained_vae(options.decoder_from);
+    trainer.load_finished_vae(finished, options.decoder_from);
+    log_info("vae decoder: starting from " + options.decoder_from + "/vae, round trip " +
+             round_trip_line(trainer.vae(), config));
   } else if (!decoder_only && !resume_decoder) {
     train_phase("vae", state, Budget{config.vae_steps, config.vae_minutes}, 100, options.resume && fs::exists(state));
   } else if (!resume_decoder) {

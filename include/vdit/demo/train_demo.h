@@ -210,9 +210,9 @@ class VAETrainer {
   void load_state(const std::string& path);
   // The weights alone (any phase's state file).
   void load_weights(const std::string& path);
-  // The weights of a finished VAE (a model's vae/ safetensors file). Throws InputError when its
-  // architecture differs from config.vae.
-  void load_finished_vae(const std::string& path);
+  // The weights of a finished VAE (as loaded from a model's vae/ directory; `source` names it in
+  // errors). Throws InputError when its architecture differs from config.vae.
+  void load_finished_vae(WanVAE& finished, const std::string& source);
 
  private:
   DemoTrainConfig config_;
