@@ -40,6 +40,9 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--decoder-from", args->options.decoder_from,
                   "With --stage vae-decoder: fine-tune the decoder of this finished model's VAE (DIR/vae); its encoder, "
                   "and so any DiT trained on it, stay as they are");
+  cmd->add_option("--dit-from", args->options.dit_from,
+                  "With --stage dit: start the DiT from this finished model's transformer (DIR/transformer) instead "
+                  "of a random initialisation (a fresh optimizer; --resume takes precedence)");
   cmd->add_flag("--resume", args->options.resume, "Continue from OUT/train-state");
   cmd->callback([args, &global] {
     (void)global;

@@ -981,6 +981,13 @@ DiTStepResult DiTTrainer::step() {
   return {loss.item<double>()};
 }
 
+void DiTTrainer::load_finished_dit(WanDiT& finished, const std::string& source) {
+  if (finished->config != config_.dit)
+    throw InputError(source + ": its DiT architecture differs from the training config's dit section");
+  copy_parameters(*finished, *dit_);
+  copy_parameters(*finished, *ema_);
+}
+
 void DiTTrainer::save_state(const std::string& path) const {
   torch::serialize::OutputArchive ar, model, ema, optim;
   dit_->save(model);
@@ -1100,6 +1107,17 @@ std::pair<std::vector<at::Tensor>, at::Tensor> caption_contexts(UMT5Encoder t5, 
   at::Tensor null = out.back();
   out.pop_back();
   return {out, null};
+}
+
+// A finished model's DiT (DIR/transformer: config.json and weights), as the pipeline reads it.
+WanDiT load_trained_dit(const fs::path& dir) {
+  const fs::path config_path = dir / "transformer" / "config.json";
+  const std::string path = (dir / "transformer" / "diffusion_pytorch_model.safetensors").string();
+  if (!fs::exists(config_path) || !fs::exists(path))
+    throw InputError((dir / "transformer").string() + " has no config.json and diffusion_pytorch_model.safetensors");
+  WanDiT dit(WanDiTConfig::from_json(read_json(config_path.string())));
+  load_wan_dit_weights(dit, {WeightFile::open(path)}, at::kFloat);
+  return dit;
 }
 
 WanVAE load_trained_vae(const fs::path& dir) {
@@ -1243,6 +1261,10 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     std::ifstream in(state_dir / "dit.elapsed");
     if (in) in >> elapsed;
     log_info("dit: resuming at step " + std::to_string(trainer.steps_done()));
+  } else if (!options.dit_from.empty()) {
+    WanDiT finished = load_trained_dit(options.dit_from);
+    trainer.load_finished_dit(finished, options.dit_from);
+    log_info("dit: starting from " + options.dit_from + "/transformer");
   }
   {
     const auto t0 = Clock::now();
@@ -1274,6 +1296,7 @@ void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) 
   const std::string& s = options.stage;
   if (s != "tokenizer" && s != "vae" && s != "vae-decoder" && s != "dit" && s != "all")
     throw InputError("train-demo: unknown stage '" + s + "' (expected tokenizer, vae, vae-decoder, dit or all)");
+  if (!options.dit_from.empty() && s != "dit") throw InputError("train-demo: --dit-from needs --stage dit");
   // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
   // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).
   at::globalContext().setFlushDenormal(true);

@@ -158,6 +158,10 @@ struct DemoTrainOptions {
   // instead of train-state/vae.pt, and write it back without re-measuring the latent statistics,
   // so the encoder, its latents and a DiT trained on them stay exactly as they were.
   std::string decoder_from;
+  // With stage "dit": start the DiT (its live and EMA weights) from this finished model's
+  // transformer (DIR/transformer) instead of a random initialisation; the optimizer starts
+  // afresh. Continues a shipped DiT at another learning rate without its train-state.
+  std::string dit_from;
   bool resume = false;
   bool quiet_progress = false;
 };
@@ -270,6 +274,9 @@ class DiTTrainer {
   WanDiT& ema() { return ema_; }
   void save_state(const std::string& path) const;
   void load_state(const std::string& path);
+  // Starts both the live and the EMA DiT from `finished` (same architecture as config.dit, else
+  // InputError naming `source`); the step count and optimizer stay at zero.
+  void load_finished_dit(WanDiT& finished, const std::string& source);
   // The batch's text contexts padded to text_len: [B, text_len, text_dim].
   at::Tensor contexts_for(const std::vector<std::int64_t>& caption_index, const std::vector<bool>& dropped) const;
 
