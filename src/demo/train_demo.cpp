@@ -1109,7 +1109,8 @@ std::pair<std::vector<at::Tensor>, at::Tensor> caption_contexts(UMT5Encoder t5, 
   return {out, null};
 }
 
-// A finished model's DiT (DIR/transformer: config.json and weights), as the pipeline reads it.
+// A finished model's DiT from DIR/transformer (diffusers config.json and weights), which the DiT
+// stage writes; the counterpart of load_trained_vae.
 WanDiT load_trained_dit(const fs::path& dir) {
   const fs::path config_path = dir / "transformer" / "config.json";
   const std::string path = (dir / "transformer" / "diffusion_pytorch_model.safetensors").string();
@@ -1209,7 +1210,6 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
   };
 
   const bool from_model = !options.decoder_from.empty();
-  if (from_model && !decoder_only) throw InputError("train-demo: --decoder-from needs --stage vae-decoder");
   if (from_model && !resume_decoder) {
     WanVAE finished = load_trained_vae(options.decoder_from);
     trainer.load_finished_vae(finished, options.decoder_from);
@@ -1296,6 +1296,9 @@ void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) 
   const std::string& s = options.stage;
   if (s != "tokenizer" && s != "vae" && s != "vae-decoder" && s != "dit" && s != "all")
     throw InputError("train-demo: unknown stage '" + s + "' (expected tokenizer, vae, vae-decoder, dit or all)");
+  // Checked before any stage runs: a stage that does not read one of these would ignore it.
+  if (!options.decoder_from.empty() && s != "vae-decoder")
+    throw InputError("train-demo: --decoder-from needs --stage vae-decoder");
   if (!options.dit_from.empty() && s != "dit") throw InputError("train-demo: --dit-from needs --stage dit");
   // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
   // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).
