@@ -89,9 +89,11 @@ void store_rows(const float* acc, const float* l, std::int64_t rows, std::int64_
 const char* kernel_isa();
 
 // ---------------------------------------------------------------------------------------------
-// Worker pool: runs body(worker) on `workers` threads (the caller's thread alone when 1). Each
-// worker restricts its own OpenMP/BLAS team to one thread, so GEMMs inside stay single-threaded and
-// the workers never wait on each other until the end. Exceptions are rethrown in the caller.
+// Worker pool: runs body(worker) for worker = 0..workers-1 on persistent pool threads (on the
+// caller's thread when workers is 1, or when called from inside a worker), the caller waiting.
+// Each worker restricts its own OpenMP/BLAS team to one thread, so GEMMs inside stay
+// single-threaded and the workers never wait on each other until the end. Callers from several
+// threads take turns. Exceptions are rethrown in the caller.
 void run_workers(int workers, const std::function<void(int worker)>& body);
 
 // Workers to use for `tasks` independent tasks: min(at::get_num_threads(), tasks).

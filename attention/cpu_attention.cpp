@@ -24,6 +24,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -406,32 +408,107 @@ bool bf16_gemms() {
   return cpu_has_amx_bf16() || amd_with_avx512_bf16();
 }
 
+namespace {
+
+// Persistent workers. They used to be fresh std::threads per call, and a new thread's first
+// LibTorch call runs its lazy per-thread init, which calls at::set_num_threads, which recreates
+// LibTorch's internal pthreadpool: with 2 threads a demo generate spent two thirds of its cycles in
+// pools being created, spun up and destroyed (490 per generate) and ran 4-9x slower than with one
+// thread. Threads created once pay that init once.
+thread_local bool in_pool_worker = false;
+
+class WorkerPool {
+ public:
+  // Never destroyed: joining blocked workers during static destruction would race LibTorch's own
+  // statics; the threads just sleep until the process exits.
+  static WorkerPool& instance() {
+    static WorkerPool* const pool = new WorkerPool();
+    return *pool;
+  }
+
+  // body(0..workers-1), one per pool thread; returns when all have returned, rethrowing the first
+  // exception. Callers from different threads take turns.
+  void run(int workers, const std::function<void(int)>& body) {
+    std::lock_guard<std::mutex> job_lock(job_mutex_);
+    grow(workers);
+    std::unique_lock<std::mutex> lock(mutex_);
+    body_ = &body;
+    active_ = workers;
+    remaining_ = workers;
+    error_ = nullptr;
+    ++generation_;
+    wake_.notify_all();
+    done_.wait(lock, [&] { return remaining_ == 0; });
+    body_ = nullptr;
+    if (error_) {
+      std::exception_ptr error = error_;
+      error_ = nullptr;
+      std::rethrow_exception(error);
+    }
+  }
+
+ private:
+  WorkerPool() = default;
+
+  void grow(int workers) {
+    while (static_cast<int>(threads_) < workers) {
+      const int index = static_cast<int>(threads_++);
+      std::thread([this, index] { loop(index); }).detach();
+    }
+  }
+
+  void loop(int index) {
+    in_pool_worker = true;
+    // Let LibTorch's lazy per-thread init run first (it would reset the team size later), then
+    // make this thread's OpenMP team (oneDNN GEMMs) one thread.
+    (void)at::get_num_threads();
+    if (const auto set = omp_set_threads()) set(1);
+    std::uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* body = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= active_) continue;
+        body = body_;
+      }
+      std::exception_ptr error;
+      try {
+        (*body)(index);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (error && !error_) error_ = error;
+      if (--remaining_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex job_mutex_;  // one job at a time
+  std::mutex mutex_;      // guards everything below
+  std::condition_variable wake_, done_;
+  std::size_t threads_ = 0;
+  std::uint64_t generation_ = 0;
+  const std::function<void(int)>* body_ = nullptr;
+  int active_ = 0, remaining_ = 0;
+  std::exception_ptr error_;
+};
+
+}  // namespace
+
 void run_workers(int workers, const std::function<void(int worker)>& body) {
   if (workers <= 1) {
     body(0);
     return;
   }
-  BlasSingleThreaded blas_guard;
-  std::vector<std::thread> threads;
-  threads.reserve(workers);
-  std::mutex mutex;
-  std::exception_ptr error;
-  for (int w = 0; w < workers; ++w) {
-    threads.emplace_back([&, w] {
-      try {
-        // Let LibTorch's lazy per-thread init run first (it would reset the team size later),
-        // then make this thread's OpenMP team (oneDNN GEMMs) one thread.
-        (void)at::get_num_threads();
-        if (const auto set = omp_set_threads()) set(1);
-        body(w);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex);
-        if (!error) error = std::current_exception();
-      }
-    });
+  // Called from inside a worker (nested): the pool is busy with the outer job, so run inline.
+  if (in_pool_worker) {
+    for (int w = 0; w < workers; ++w) body(w);
+    return;
   }
-  for (auto& t : threads) t.join();
-  if (error) std::rethrow_exception(error);
+  BlasSingleThreaded blas_guard;
+  WorkerPool::instance().run(workers, body);
 }
 
 int worker_count(std::int64_t tasks) {

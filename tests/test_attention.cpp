@@ -7,6 +7,7 @@
 #include "vdit/attention/attention_bench.h"
 #include "vdit/attention/hooks.h"
 #include "vdit/common.h"
+#include "../attention/attention_internal.h"
 
 #include <nlohmann/json.hpp>
 
@@ -17,7 +18,11 @@
 #include <cstdio>
 #include <memory>
 #include <random>
+#include <mutex>
+#include <stdexcept>
 #include <string>
+#include <thread>
+#include <utility>
 
 using namespace vdit;
 
@@ -587,4 +592,48 @@ TEST_CASE("vdit bench attention prints one JSON line", "[attention][cli]") {
   const std::string bad = std::string(VDIT_BINARY) + " --quiet bench attention --grid 2,x,4 2>/dev/null";
   const int bad_status = std::system(bad.c_str());
   CHECK(WEXITSTATUS(bad_status) == 2);
+}
+
+TEST_CASE("run_workers: every index once, on threads kept between calls; errors rethrown; nested calls inline",
+          "[attention]") {
+  // A thread's count of bodies it has run: fresh threads per call would start every call at 1.
+  static thread_local int bodies_run_here = 0;
+  const auto run = [](int workers) {
+    std::mutex mutex;
+    std::vector<int> count_by_worker(workers, 0), times_by_worker(workers, 0);
+    std::vector<std::thread::id> ids;
+    vdit::detail::run_workers(workers, [&](int w) {
+      const int count = ++bodies_run_here;
+      std::lock_guard<std::mutex> lock(mutex);
+      count_by_worker.at(w) = count;
+      ++times_by_worker.at(w);
+      ids.push_back(std::this_thread::get_id());
+    });
+    for (int t : times_by_worker) REQUIRE(t == 1);
+    for (const auto& id : ids) REQUIRE(id != std::this_thread::get_id());
+    return count_by_worker;
+  };
+  const std::vector<int> first = run(3), second = run(3);
+  for (int w = 0; w < 3; ++w) CHECK(second[w] == first[w] + 1);
+
+  REQUIRE_THROWS_WITH(vdit::detail::run_workers(3,
+                                                [](int w) {
+                                                  if (w == 1) throw std::runtime_error("worker 1 failed");
+                                                }),
+                      "worker 1 failed");
+  const std::vector<int> after_error = run(2);
+  CHECK(after_error[0] == second[0] + 1);
+
+  // Inside a worker the pool is busy: a nested call runs every index on that worker's thread.
+  std::mutex mutex;
+  std::vector<std::pair<std::thread::id, std::thread::id>> outer_inner;
+  vdit::detail::run_workers(2, [&](int) {
+    const auto outer = std::this_thread::get_id();
+    vdit::detail::run_workers(3, [&](int) {
+      std::lock_guard<std::mutex> lock(mutex);
+      outer_inner.emplace_back(outer, std::this_thread::get_id());
+    });
+  });
+  REQUIRE(outer_inner.size() == 6);
+  for (const auto& [outer, inner] : outer_inner) CHECK(outer == inner);
 }
