@@ -49,6 +49,7 @@ test: build
 
 bench: build
 	./$(BUILD_DIR)/bench_attention
+	./$(BUILD_DIR)/bench_threads
 
 test-asan: deps
 	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVDIT_SANITIZE=ON -DVDIT_PCH=OFF -DVDIT_BUILD_BENCH=OFF $(CMAKE_FLAGS)
