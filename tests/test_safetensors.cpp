@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <unistd.h>  // getpid: LibTorch 1.13 brought it in, 2.x does not
+
 // Last: LibTorch headers pull in glog, whose CHECK macro must not replace Catch's.
 #include <catch2/catch.hpp>
 

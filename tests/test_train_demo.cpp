@@ -19,6 +19,8 @@
 #include <map>
 #include <numeric>
 
+#include <unistd.h>  // getpid: LibTorch 1.13 brought it in, 2.x does not
+
 namespace fs = std::filesystem;
 using namespace vdit;
 using namespace vdit::demo;
