@@ -64,6 +64,7 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
       if (args->bf16 != "on" && args->bf16 != "off" && args->bf16 != "auto") throw InputError("--bf16 must be on, off or auto");
       config.bf16_autocast = args->bf16 == "on" ? Mode::On : args->bf16 == "off" ? Mode::Off : Mode::Auto;
     }
+    demo::tune_process_for_training();
     demo::train_demo(config, args->options);
   });
 }
