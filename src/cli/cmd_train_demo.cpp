@@ -45,7 +45,8 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
                   "of a random initialisation (a fresh optimizer; --resume takes precedence)");
   cmd->add_flag("--resume", args->options.resume, "Continue from OUT/train-state");
   cmd->callback([args, &global] {
-    (void)global;
+    // The global --device: where the DiT stage trains (the other stages run on the CPU).
+    args->options.device = parse_device(global.device);
     demo::DemoTrainConfig config = args->train_config.empty() ? demo::DemoTrainConfig::from_json(nlohmann::json::object())
                                                               : demo::DemoTrainConfig::from_file(args->train_config);
     // A steps budget replaces a minutes budget and vice versa.

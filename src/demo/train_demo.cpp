@@ -232,7 +232,7 @@ nlohmann::json t5_config_json(const UMT5Config& c) {
 std::vector<WriteEntry> parameter_entries(torch::nn::Module& m, const std::function<std::string(const std::string&)>& rename) {
   std::vector<WriteEntry> out;
   for (const auto& p : m.named_parameters())
-    out.push_back({rename(p.key()), p.value().detach().to(at::kFloat).contiguous(), std::nullopt});
+    out.push_back({rename(p.key()), p.value().detach().to(at::kCPU, at::kFloat).contiguous(), std::nullopt});
   return out;
 }
 
@@ -539,7 +539,7 @@ WanVAEConfig unnormalised(WanVAEConfig c) {
 
 // Pixels of clips [B, 3, F, H, W] that differ from the background: the object, [B, 1, F, H, W] f32.
 at::Tensor object_mask(const at::Tensor& video) {
-  return ((video - background_pixels()).abs().amax(1, true) > 0.1).to(at::kFloat);
+  return ((video - background_pixels().to(video.device())).abs().amax(1, true) > 0.1).to(at::kFloat);
 }
 }  // namespace
 
@@ -566,7 +566,8 @@ at::Tensor vae_training_window(const at::Tensor& video, const DemoTrainConfig& c
   if (crop == 0 || (crop >= h && crop >= w)) return out.contiguous();
   // The object's centre in the middle kept frame (the frame centre if it has none).
   const at::Tensor mask = object_mask(out.narrow(2, out.size(2) / 2, 1)).squeeze(2).squeeze(1);  // [B, H, W]
-  const at::Tensor ys = at::arange(h, at::kFloat).view({1, h, 1}), xs = at::arange(w, at::kFloat).view({1, 1, w});
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(video.device());
+  const at::Tensor ys = at::arange(h, opts).view({1, h, 1}), xs = at::arange(w, opts).view({1, 1, w});
   const at::Tensor area = mask.sum({1, 2});
   const at::Tensor cy = ((mask * ys).sum({1, 2}) / area.clamp_min(1)).where(area > 0, at::full_like(area, h / 2.0));
   const at::Tensor cx = ((mask * xs).sum({1, 2}) / area.clamp_min(1)).where(area > 0, at::full_like(area, w / 2.0));
@@ -849,8 +850,9 @@ bool cpu_bf16_gemm_is_faster() {
 }
 
 DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at::Tensor> contexts,
-                       at::Tensor null_context, std::uint64_t seed)
+                       at::Tensor null_context, std::uint64_t seed, at::Device device)
     : config_(config),
+      device_(device),
       vae_(std::move(vae)),
       contexts_(std::move(contexts)),
       null_context_(std::move(null_context)),
@@ -864,12 +866,18 @@ DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at
                        std::to_string(config_.dit.text_len));
   vae_->eval();
   for (auto& p : vae_->parameters()) p.set_requires_grad(false);
+  vae_->to(device_);
+  for (auto& c : contexts_) c = c.to(device_);
+  null_context_ = null_context_.to(device_);
   // Autocast calls LibTorch's bf16 GEMMs directly, so "auto" also refuses a CPU where they would
   // sum in bf16 (common.h: cpu_gemm_needs_widening); "on" is obeyed with a warning there.
   const bool bf16_sums_in_f32 = !cpu_gemm_needs_widening(at::kBFloat16);
-  bf16_autocast_ = config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::On ||
-                   (config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::Auto && bf16_sums_in_f32 &&
-                    cpu_bf16_gemm_is_faster());
+  // CPU autocast only: on a GPU the DiT trains in f32 (at these sizes its steps are bound by
+  // kernel launches, not by GEMM throughput).
+  bf16_autocast_ = device_.is_cpu() &&
+                   (config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::On ||
+                    (config_.bf16_autocast == DemoTrainConfig::Bf16Autocast::Auto && bf16_sums_in_f32 &&
+                     cpu_bf16_gemm_is_faster()));
   if (bf16_autocast_ && !bf16_sums_in_f32)
     log_warning("dit: bf16 autocast on a CPU where LibTorch's bf16 GEMM sums in bf16: gradients lose most digits");
   torch::manual_seed(seed);
@@ -880,6 +888,8 @@ DiTTrainer::DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at
   dit_->rope_dtype = at::kFloat;
   ema_ = WanDiT(config_.dit);
   copy_parameters(*dit_, *ema_);
+  dit_->to(device_);
+  ema_->to(device_);
   ema_->eval();
   for (auto& p : ema_->parameters()) p.set_requires_grad(false);
   optimizer_ = std::make_unique<torch::optim::AdamW>(
@@ -893,9 +903,10 @@ void DiTTrainer::refresh(std::int64_t count) {
   for (std::int64_t done = 0; done < count;) {
     const std::int64_t k = std::min<std::int64_t>({16, count - done, n - pool_cursor_});
     auto batch = shapes::random_batch(k, config_.frames, config_.width, config_.height, data_rng_);
-    pool_.narrow(0, pool_cursor_, k).copy_(vae_->encode(batch.video));
+    const at::Tensor video = batch.video.to(device_);
+    pool_.narrow(0, pool_cursor_, k).copy_(vae_->encode(video));
     pool_mask_.narrow(0, pool_cursor_, k)
-        .copy_(latent_object_mask(batch.video, vae_->config().temporal_stride(), vae_->config().spatial_stride()));
+        .copy_(latent_object_mask(video, vae_->config().temporal_stride(), vae_->config().spatial_stride()));
     for (std::int64_t i = 0; i < k; ++i) pool_caption_[pool_cursor_ + i] = caption_index(batch.captions[i]);
     pool_cursor_ = (pool_cursor_ + k) % n;
     done += k;
@@ -907,8 +918,8 @@ void DiTTrainer::fill_pool(const std::function<void(std::int64_t, std::int64_t)>
   const std::int64_t n = config_.pool_size;
   const std::int64_t f = (config_.frames - 1) / vae_->config().temporal_stride() + 1;
   const std::int64_t s = vae_->config().spatial_stride();
-  pool_ = at::zeros({n, vae_->config().z_dim, f, config_.height / s, config_.width / s});
-  pool_mask_ = at::zeros({n, 1, f, config_.height / s, config_.width / s}, at::kByte);
+  pool_ = at::zeros({n, vae_->config().z_dim, f, config_.height / s, config_.width / s}, at::device(device_));
+  pool_mask_ = at::zeros({n, 1, f, config_.height / s, config_.width / s}, at::device(device_).dtype(at::kByte));
   pool_caption_.assign(static_cast<std::size_t>(n), 0);
   pool_cursor_ = 0;
   for (std::int64_t done = 0; done < n;) {
@@ -941,12 +952,13 @@ DiTStepResult DiTTrainer::step() {
     cap[i] = pool_caption_[idx[i]];
     dropped[i] = coin(data_rng_) < config_.caption_dropout;
   }
-  const at::Tensor index = at::tensor(idx);
+  const at::Tensor index = at::tensor(idx).to(device_);
   const at::Tensor x0 = pool_.index_select(0, index);
-  const at::Tensor eps = at::randn(x0.sizes(), noise_gen_, x0.options());
+  // Drawn on the CPU generator and copied: the same draws on every device.
+  const at::Tensor eps = at::randn(x0.sizes(), noise_gen_, at::kFloat).to(device_);
   // sigma = shift*u / (1 + (shift-1) u), u uniform: the density of the sampler's shifted schedule
   // at inference, so training effort goes where sampling spends its steps (high noise).
-  const at::Tensor u = at::rand({B}, noise_gen_, x0.options());
+  const at::Tensor u = at::rand({B}, noise_gen_, at::kFloat).to(device_);
   const at::Tensor sigma = config_.flow_shift * u / (1.0 + (config_.flow_shift - 1.0) * u);
   const at::Tensor sv = sigma.view({B, 1, 1, 1, 1});
   const at::Tensor xt = (1.0 - sv) * x0 + sv * eps;
@@ -1015,19 +1027,30 @@ void DiTTrainer::load_state(const std::string& path) {
   ar.read("optim", optim);
   dit_->load(model);
   ema_->load(ema);
+  // The archive keeps the device each tensor was saved from; a state resumes on any device.
+  dit_->to(device_);
+  ema_->to(device_);
   optimizer_->load(optim);
+  for (auto& entry : optimizer_->state()) {
+    auto& st = static_cast<torch::optim::AdamWParamState&>(*entry.second);
+    st.exp_avg(st.exp_avg().to(device_));
+    st.exp_avg_sq(st.exp_avg_sq().to(device_));
+    if (st.max_exp_avg_sq().defined()) st.max_exp_avg_sq(st.max_exp_avg_sq().to(device_));
+  }
   step_ = read_int(ar, "step");
   at::Tensor pool;
   if (ar.try_read("pool", pool)) {
-    pool_ = pool;
+    pool_ = pool.to(device_);
     at::Tensor caps;
     ar.read("pool_caption", caps);
     caps = caps.contiguous();
     pool_caption_.assign(caps.data_ptr<std::int64_t>(), caps.data_ptr<std::int64_t>() + caps.numel());
     pool_cursor_ = read_int(ar, "pool_cursor");
-    if (!ar.try_read("pool_mask", pool_mask_)) {
+    if (ar.try_read("pool_mask", pool_mask_)) {
+      pool_mask_ = pool_mask_.to(device_);
+    } else {
       // A state from before the object weighting: its clips count as all background until refreshed.
-      pool_mask_ = at::zeros({pool_.size(0), 1, pool_.size(2), pool_.size(3), pool_.size(4)}, at::kByte);
+      pool_mask_ = at::zeros({pool_.size(0), 1, pool_.size(2), pool_.size(3), pool_.size(4)}, at::device(device_).dtype(at::kByte));
       if (config_.dit_object_weight > 0) log_warning("dit: resumed pool has no object masks; weighting starts as pool clips are refreshed");
     }
   }
@@ -1253,7 +1276,8 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
   auto [contexts, null_context] = caption_contexts(t5, tokenizer);
   WanVAE vae = load_trained_vae(root);
 
-  DiTTrainer trainer(config, vae, contexts, null_context, config.seed * 1000 + 2);
+  DiTTrainer trainer(config, vae, contexts, null_context, config.seed * 1000 + 2, options.device);
+  if (!options.device.is_cpu()) log_info("dit: training on " + options.device.str() + " (f32)");
   const std::string state = (state_dir / "dit.pt").string();
   double elapsed = 0;
   if (options.resume && fs::exists(state)) {

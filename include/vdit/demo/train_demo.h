@@ -164,6 +164,10 @@ struct DemoTrainOptions {
   std::string dit_from;
   bool resume = false;
   bool quiet_progress = false;
+  // Where the DiT stage trains (the tokenizer and VAE stages run on the CPU). On a GPU the DiT
+  // trains in f32 (bf16_autocast is a CPU setting); noise and data are drawn on the CPU either
+  // way, so a run's random draws do not depend on the device. A train-state resumes on any device.
+  at::Device device = at::kCPU;
 };
 
 // Runs the requested stage(s). Later stages read the earlier ones' results from out_dir
@@ -271,8 +275,10 @@ class DiTTrainer {
  public:
   // vae: trained (stats folded); contexts: the frozen umT5 output per caption in
   // shapes::Caption::all() order, each [L_i, text_dim]; null_context: the output for "".
+  // Everything the step touches (VAE, contexts, DiT, EMA, latent pool) lives on `device`; the VAE
+  // is a module handle, so the caller's VAE moves there too.
   DiTTrainer(const DemoTrainConfig& config, WanVAE vae, std::vector<at::Tensor> contexts, at::Tensor null_context,
-             std::uint64_t seed);
+             std::uint64_t seed, at::Device device = at::kCPU);
   // Fills the latent pool (config.pool_size clips) if it is empty.
   void fill_pool(const std::function<void(std::int64_t, std::int64_t)>& progress = {});
   DiTStepResult step();
@@ -290,6 +296,7 @@ class DiTTrainer {
  private:
   void refresh(std::int64_t count);
   DemoTrainConfig config_;
+  at::Device device_;
   WanVAE vae_;
   std::vector<at::Tensor> contexts_;
   at::Tensor null_context_;
