@@ -126,8 +126,8 @@ TEST_CASE("size rules and latent shape follow the model's latent geometry", "[pi
   CHECK_THROWS_WITH(validate_t2v_settings(s), Catch::Contains("--noise") || Catch::Contains("4n+1"));
 }
 
-// These three write MP4 files (and read their metadata back), which needs FFmpeg; a build with
-// VDIT_WITH_FFMPEG=OFF has no MP4 output to test.
+// This one and the vdit-demo.json one write MP4 files (and read their metadata back), which needs
+// FFmpeg; a build with VDIT_WITH_FFMPEG=OFF has no MP4 output to test.
 #if defined(VDIT_WITH_FFMPEG)
 TEST_CASE("vdit generate runs a tiny checkpoint in each layout and writes MP4 and PNG with metadata", "[pipeline][cli]") {
   const fs::path root = temp_dir("layouts");
@@ -176,13 +176,30 @@ TEST_CASE("vdit generate runs a tiny checkpoint in each layout and writes MP4 an
   fs::remove_all(root);
 }
 
+#endif  // VDIT_WITH_FFMPEG
+
+// Output arguments for a clip called `name` under `root`: an MP4 file where vdit has FFmpeg, a
+// directory of PNG frames otherwise. The path returned is the file the test watches for changes.
+struct ClipOutput {
+  std::string args;
+  fs::path watched;
+};
+static ClipOutput clip_output(const fs::path& root, const std::string& name) {
+#if defined(VDIT_WITH_FFMPEG)
+  return {"-o " + (root / (name + ".mp4")).string(), root / (name + ".mp4")};
+#else
+  return {"--format png -o " + (root / name).string(), root / name / "frame_00001.png"};
+#endif
+}
+
 TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 without touching outputs", "[pipeline][cli]") {
   const fs::path root = temp_dir("cli");
   const fs::path model = vdit_test::make_tiny_model(root / "model", "diffusers");
   const std::string common = "generate -m " + model.string() + " -p 'a blue square' --size 32x32 --frames 5 --steps 2 --seed 3 ";
   std::string out;
-  REQUIRE(run_vdit(common + "-o " + (root / "a.mp4").string() + " --save-latents " + (root / "a.safetensors").string(), &out) == 0);
-  REQUIRE(run_vdit(common + "-o " + (root / "b.mp4").string() + " --save-latents " + (root / "b.safetensors").string(), &out) == 0);
+  const ClipOutput a_out = clip_output(root, "a"), d_out = clip_output(root, "d");
+  REQUIRE(run_vdit(common + a_out.args + " --save-latents " + (root / "a.safetensors").string(), &out) == 0);
+  REQUIRE(run_vdit(common + clip_output(root, "b").args + " --save-latents " + (root / "b.safetensors").string(), &out) == 0);
   at::Tensor a = SafetensorsFile::open((root / "a.safetensors").string())->tensor("latents");
   at::Tensor b = SafetensorsFile::open((root / "b.safetensors").string())->tensor("latents");
   CHECK(at::equal(a, b));
@@ -191,23 +208,24 @@ TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 wi
   // --noise replaces the seeded noise: the saved noise of seed 3 reproduces the same latents.
   write_safetensors((root / "noise.safetensors").string(), {{"noise", seeded_noise({16, 2, 4, 4}, 3), std::nullopt}});
   REQUIRE(run_vdit("generate -m " + model.string() + " -p 'a blue square' --size 32x32 --frames 5 --steps 2 --seed 99 --noise " +
-                       (root / "noise.safetensors").string() + " -o " + (root / "c.mp4").string() + " --save-latents " +
+                       (root / "noise.safetensors").string() + " " + clip_output(root, "c").args + " --save-latents " +
                        (root / "c.safetensors").string(), &out) == 0);
   CHECK(at::equal(SafetensorsFile::open((root / "c.safetensors").string())->tensor("latents"), a));
 
-  const auto before = fs::file_size(root / "a.mp4");
-  const auto mtime = fs::last_write_time(root / "a.mp4");
+  REQUIRE(fs::exists(a_out.watched));
+  const auto before = fs::file_size(a_out.watched);
+  const auto mtime = fs::last_write_time(a_out.watched);
   struct Bad {
     std::string args, message;
   };
   const std::vector<Bad> bad = {
-      {common + "-o " + (root / "a.mp4").string(), "exists"},
-      {"generate -m " + model.string() + " -p x --size 30x32 --frames 5 -o " + (root / "d.mp4").string(), "nearest valid: 32x32"},
-      {"generate -m " + model.string() + " -p x --size 32x32 --frames 6 -o " + (root / "d.mp4").string(), "4n+1"},
-      {"generate -m " + model.string() + " -p x --size 32x32 --frames 5 --sampler ddim -o " + (root / "d.mp4").string(), "unknown sampler"},
-      {"generate -m " + (root / "missing").string() + " -p x --size 32x32 --frames 5 -o " + (root / "d.mp4").string(), "no such model"},
-      {"generate -m " + model.string() + " -p x --size 32x32 --frames 5 --noise " + (root / "nope.safetensors").string() + " -o " +
-           (root / "d.mp4").string(), "nope.safetensors"},
+      {common + a_out.args, "exists"},
+      {"generate -m " + model.string() + " -p x --size 30x32 --frames 5 " + d_out.args, "nearest valid: 32x32"},
+      {"generate -m " + model.string() + " -p x --size 32x32 --frames 6 " + d_out.args, "4n+1"},
+      {"generate -m " + model.string() + " -p x --size 32x32 --frames 5 --sampler ddim " + d_out.args, "unknown sampler"},
+      {"generate -m " + (root / "missing").string() + " -p x --size 32x32 --frames 5 " + d_out.args, "no such model"},
+      {"generate -m " + model.string() + " -p x --size 32x32 --frames 5 --noise " + (root / "nope.safetensors").string() +  " " + d_out.args,
+       "nope.safetensors"},
       {"info " + std::string(VDIT_FIXTURES_DIR) + "/malformed/overlap.safetensors", "overlaps"},
       {"generate -p x --bogus-option", "bogus"},
   };
@@ -218,12 +236,13 @@ TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 wi
     CHECK(out.find(c.message) != std::string::npos);
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
   }
-  CHECK(fs::file_size(root / "a.mp4") == before);
-  CHECK(fs::last_write_time(root / "a.mp4") == mtime);
-  CHECK(!fs::exists(root / "d.mp4"));
+  CHECK(fs::file_size(a_out.watched) == before);
+  CHECK(fs::last_write_time(a_out.watched) == mtime);
+  CHECK(!fs::exists(d_out.watched.extension() == ".mp4" ? d_out.watched : d_out.watched.parent_path()));
   fs::remove_all(root);
 }
 
+#if defined(VDIT_WITH_FFMPEG)
 TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the command line wins", "[pipeline][cli]") {
   const fs::path root = temp_dir("defaults");
   const fs::path model = vdit_test::make_tiny_model(root / "model", "diffusers");
