@@ -99,6 +99,22 @@ TEST_CASE("train-demo: configs/shapes-demo.json is the built-in default", "[trai
   CHECK(file.dit.text_dim == file.text_encoder.dim);
 }
 
+TEST_CASE("train-demo: the DiT's learning-rate decay is a cosine from 1 to dit_lr_final", "[train]") {
+  for (double f : {0.05, 0.1, 0.5, 1.0}) {
+    INFO("final " << f);
+    CHECK(cosine_decay(0.0, f) == Approx(1.0).margin(1e-15));
+    CHECK(cosine_decay(0.5, f) == Approx((1.0 + f) / 2).margin(1e-15));
+    CHECK(cosine_decay(1.0, f) == Approx(f).margin(1e-15));
+    CHECK(cosine_decay(3.0, f) == Approx(f).margin(1e-15));   // past the budget: stays at the floor
+    CHECK(cosine_decay(-1.0, f) == Approx(1.0).margin(1e-15));
+    for (double d = 0; d < 1; d += 0.125) CHECK(cosine_decay(d + 0.125, f) <= cosine_decay(d, f));
+  }
+  CHECK(DemoTrainConfig::from_json({{"dit_lr_final", 0.1}}).dit_lr_final == 0.1);
+  CHECK(DemoTrainConfig::from_json(nlohmann::json::object()).dit_lr_final == 1.0);
+  for (double bad : {0.0, -0.5, 1.5})
+    CHECK_THROWS_WITH(DemoTrainConfig::from_json({{"dit_lr_final", bad}}), Catch::Contains("dit_lr_final"));
+}
+
 TEST_CASE("train-demo: bf16_autocast reads true, false and \"auto\", and nothing else", "[train]") {
   using Mode = DemoTrainConfig::Bf16Autocast;
   CHECK(DemoTrainConfig::from_json(nlohmann::json::object()).bf16_autocast == Mode::Auto);

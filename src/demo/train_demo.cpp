@@ -346,6 +346,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("dit_batch", c.dit_batch);
   get("dit_lr", c.dit_lr);
   get("dit_warmup", c.dit_warmup);
+  get("dit_lr_final", c.dit_lr_final);
   get("dit_weight_decay", c.dit_weight_decay);
   get("grad_clip", c.grad_clip);
   get("caption_dropout", c.caption_dropout);
@@ -390,6 +391,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.pool_size < 1) throw InputError("demo training config: pool_size must be >= 1");
   if (c.vae_gradient_weight < 0) throw InputError("demo training config: vae_gradient_weight must be >= 0");
   if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
+  if (!(c.dit_lr_final > 0 && c.dit_lr_final <= 1)) throw InputError("demo training config: dit_lr_final must be in (0, 1]");
   if (!(c.flow_shift > 0) || !(c.sample_shift > 0))
     throw InputError("demo training config: flow_shift and sample_shift must be > 0");
   return c;
@@ -442,6 +444,7 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["dit_batch"] = dit_batch;
   j["dit_lr"] = dit_lr;
   j["dit_warmup"] = dit_warmup;
+  j["dit_lr_final"] = dit_lr_final;
   j["dit_weight_decay"] = dit_weight_decay;
   j["grad_clip"] = grad_clip;
   j["caption_dropout"] = caption_dropout;
@@ -825,6 +828,10 @@ UMT5Encoder make_text_encoder(const DemoTrainConfig& config, std::int64_t vocab)
 
 // ---- DiT ----------------------------------------------------------------------------------------
 
+double cosine_decay(double done, double final_fraction) {
+  return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + std::cos(M_PI * std::clamp(done, 0.0, 1.0)));
+}
+
 bool cpu_bf16_gemm_is_faster() {
   static const bool faster = [] {
     // The FFN's first GEMM at a 1024-token slice: [1024, 128] x [128, 512]. Best of 3 after a
@@ -940,7 +947,7 @@ at::Tensor DiTTrainer::contexts_for(const std::vector<std::int64_t>& caption_ind
   return at::stack(rows);
 }
 
-DiTStepResult DiTTrainer::step() {
+DiTStepResult DiTTrainer::step(double lr_scale) {
   if (!pool_.defined()) fill_pool();
   const std::int64_t B = config_.dit_batch, n = pool_.size(0);
   std::uniform_int_distribution<std::int64_t> pick(0, n - 1);
@@ -966,8 +973,10 @@ DiTStepResult DiTTrainer::step() {
   const at::Tensor t = sigma * 1000.0;
   const at::Tensor ctx = contexts_for(cap, dropped);
 
-  // Linear warm-up, then constant: the EMA does the late-training smoothing.
-  const double lr = config_.dit_lr * std::min(1.0, static_cast<double>(step_ + 1) / std::max<std::int64_t>(1, config_.dit_warmup));
+  // Linear warm-up, then the stage's schedule (constant in the shipped recipe: the EMA does the
+  // late-training smoothing).
+  const double lr = config_.dit_lr * lr_scale *
+                    std::min(1.0, static_cast<double>(step_ + 1) / std::max<std::int64_t>(1, config_.dit_warmup));
   set_lr(*optimizer_, lr);
   at::Tensor pred;
   {
@@ -1189,7 +1198,7 @@ double warmup_cosine(const Budget& budget, std::int64_t step, double elapsed, st
   const double done = static_cast<double>(budget.progress(step, elapsed)) /
                       static_cast<double>(std::max<std::int64_t>(1, budget.total()));
   const double warm = std::min(1.0, (step + 1) / static_cast<double>(warmup));
-  return warm * (0.1 + 0.45 * (1.0 + std::cos(M_PI * std::min(1.0, done))));
+  return warm * cosine_decay(done, 0.1);
 }
 
 // The first phase (windowed, whole VAE) and the decoder phase (frozen encoder, whole clips); the
@@ -1306,7 +1315,13 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     std::ofstream(state_dir / "dit.elapsed") << std::setprecision(17) << elapsed;
   };
   const double avg = run_budget("dit", "loss", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
-                                [&] { return std::make_pair(trainer.step().loss, std::string()); }, save);
+                                [&] {
+                                  const double done = static_cast<double>(budget.progress(trainer.steps_done(), elapsed)) /
+                                                      static_cast<double>(std::max<std::int64_t>(1, budget.total()));
+                                  const double scale = config.dit_lr_final < 1.0 ? cosine_decay(done, config.dit_lr_final) : 1.0;
+                                  return std::make_pair(trainer.step(scale).loss, std::string());
+                                },
+                                save);
   log_info("dit: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", loss " + fmt(avg));
   write_transformer(root, trainer.ema());
   write_pipeline_files(root, config);

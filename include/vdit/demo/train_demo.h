@@ -102,6 +102,11 @@ struct DemoTrainConfig {
   std::int64_t dit_batch = 32;
   double dit_lr = 5e-4;
   std::int64_t dit_warmup = 200;
+  // After the warm-up the learning rate follows a cosine from dit_lr down to dit_lr_final * dit_lr
+  // over the stage's budget (steps or minutes). 1, the shipped recipe: constant, as the shipped DiT
+  // was trained (its later phases are continuations at lower constant rates, configs/
+  // shapes-demo-continue*.json); below 1 one run does that decay by itself.
+  double dit_lr_final = 1.0;
   double dit_weight_decay = 0.01;
   double grad_clip = 1.0;
   double caption_dropout = 0.1;
@@ -281,7 +286,8 @@ class DiTTrainer {
              std::uint64_t seed, at::Device device = at::kCPU);
   // Fills the latent pool (config.pool_size clips) if it is empty.
   void fill_pool(const std::function<void(std::int64_t, std::int64_t)>& progress = {});
-  DiTStepResult step();
+  // One step at learning rate dit_lr * warm-up * lr_scale (the stage passes its decay schedule).
+  DiTStepResult step(double lr_scale = 1.0);
   std::int64_t steps_done() const { return step_; }
   WanDiT& dit() { return dit_; }
   WanDiT& ema() { return ema_; }
@@ -311,6 +317,9 @@ class DiTTrainer {
   std::int64_t step_ = 0;
   bool bf16_autocast_ = false;               // config_.bf16_autocast with Auto resolved
 };
+
+// The learning-rate factor of a cosine decay from 1 at done = 0 to final_fraction at done >= 1.
+double cosine_decay(double done, double final_fraction);
 
 // True when a bf16 GEMM of the demo DiT's FFN size runs faster than the f32 one on this CPU
 // (timed once per process; what Bf16Autocast::Auto decides by).
