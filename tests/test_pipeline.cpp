@@ -179,16 +179,19 @@ TEST_CASE("vdit generate runs a tiny checkpoint in each layout and writes MP4 an
 #endif  // VDIT_WITH_FFMPEG
 
 // Output arguments for a clip called `name` under `root`: an MP4 file where vdit has FFmpeg, a
-// directory of PNG frames otherwise. The path returned is the file the test watches for changes.
+// directory of PNG frames otherwise. `path` is what -o names; `watched` the file the test checks
+// for changes (the MP4 itself, or the first frame).
 struct ClipOutput {
   std::string args;
-  fs::path watched;
+  fs::path path, watched;
 };
 static ClipOutput clip_output(const fs::path& root, const std::string& name) {
 #if defined(VDIT_WITH_FFMPEG)
-  return {"-o " + (root / (name + ".mp4")).string(), root / (name + ".mp4")};
+  const fs::path path = root / (name + ".mp4");
+  return {"-o " + path.string(), path, path};
 #else
-  return {"--format png -o " + (root / name).string(), root / name / "frame_00001.png"};
+  const fs::path path = root / name;
+  return {"--format png -o " + path.string(), path, path / "frame_00001.png"};
 #endif
 }
 
@@ -238,7 +241,7 @@ TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 wi
   }
   CHECK(fs::file_size(a_out.watched) == before);
   CHECK(fs::last_write_time(a_out.watched) == mtime);
-  CHECK(!fs::exists(d_out.watched.extension() == ".mp4" ? d_out.watched : d_out.watched.parent_path()));
+  CHECK(!fs::exists(d_out.path));
   fs::remove_all(root);
 }
 

@@ -153,6 +153,10 @@ struct Budget {
   std::int64_t progress(std::int64_t step, double seconds) const {
     return steps > 0 ? step : static_cast<std::int64_t>(seconds);
   }
+  // Share of the budget spent (can pass 1 by the last step's overshoot).
+  double fraction(std::int64_t step, double seconds) const {
+    return static_cast<double>(progress(step, seconds)) / static_cast<double>(std::max<std::int64_t>(1, total()));
+  }
 };
 
 std::string fmt(double v, int precision = 4) {
@@ -1195,10 +1199,8 @@ std::string round_trip_line(WanVAE& vae, const DemoTrainConfig& config) {
 // Warm-up over warmup steps, then a cosine from 1 to 0.1 over the budget (steps or minutes): the
 // last steps refine instead of jittering.
 double warmup_cosine(const Budget& budget, std::int64_t step, double elapsed, std::int64_t warmup) {
-  const double done = static_cast<double>(budget.progress(step, elapsed)) /
-                      static_cast<double>(std::max<std::int64_t>(1, budget.total()));
   const double warm = std::min(1.0, (step + 1) / static_cast<double>(warmup));
-  return warm * cosine_decay(done, 0.1);
+  return warm * cosine_decay(budget.fraction(step, elapsed), 0.1);
 }
 
 // The first phase (windowed, whole VAE) and the decoder phase (frozen encoder, whole clips); the
@@ -1316,9 +1318,8 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
   };
   const double avg = run_budget("dit", "loss", budget, trainer, elapsed, config.checkpoint_minutes, options.quiet_progress,
                                 [&] {
-                                  const double done = static_cast<double>(budget.progress(trainer.steps_done(), elapsed)) /
-                                                      static_cast<double>(std::max<std::int64_t>(1, budget.total()));
-                                  const double scale = config.dit_lr_final < 1.0 ? cosine_decay(done, config.dit_lr_final) : 1.0;
+                                  // dit_lr_final 1 (the shipped recipe) makes this exactly 1.
+                                  const double scale = cosine_decay(budget.fraction(trainer.steps_done(), elapsed), config.dit_lr_final);
                                   return std::make_pair(trainer.step(scale).loss, std::string());
                                 },
                                 save);
