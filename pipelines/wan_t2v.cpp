@@ -121,6 +121,7 @@ std::unique_ptr<FlowSampler> WanT2VPipeline::make_sampler_for(const T2VSettings&
     fresh.name = settings.sampler;
     fresh.shift = config.shift;
     fresh.num_train_timesteps = config.num_train_timesteps;
+    fresh.prediction = config.prediction;  // what the model outputs, whichever solver runs
     if (scheduler_config_) fresh.grid = config.grid;
     config = fresh;
   }
@@ -207,18 +208,23 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   const int total = sampler->num_steps();
   for (int i = sampler->begin_index(); i < total; ++i) {
     const auto t = at::full({1}, static_cast<double>(sampler->timesteps()[i]), x.options());
-    at::Tensor velocity;
+    at::Tensor output;  // guided model output: a velocity or, for a sample-predicting model, x0
     if (!guided) {
-      velocity = dit_->forward(x, t, cond);
+      output = dit_->forward(x, t, cond);
     } else if (settings.batch_guidance) {
       at::Tensor out = dit_->forward(at::cat({x, x}), t.expand({2}), both);
-      at::Tensor v_cond = out.narrow(0, 0, 1), v_uncond = out.narrow(0, 1, 1);
-      velocity = v_uncond + settings.guidance * (v_cond - v_uncond);
+      at::Tensor out_cond = out.narrow(0, 0, 1), out_uncond = out.narrow(0, 1, 1);
+      output = out_uncond + settings.guidance * (out_cond - out_uncond);
     } else {
-      at::Tensor v_cond = dit_->forward(x, t, cond);
-      at::Tensor v_uncond = dit_->forward(x, t, uncond);
-      velocity = v_uncond + settings.guidance * (v_cond - v_uncond);
+      at::Tensor out_cond = dit_->forward(x, t, cond);
+      at::Tensor out_uncond = dit_->forward(x, t, uncond);
+      output = out_uncond + settings.guidance * (out_cond - out_uncond);
     }
+    // Guidance is affine in the output and (x - x0) / sigma is affine in x0 with x fixed, so guiding
+    // the predicted x0 and then converting equals converting each output first.
+    const at::Tensor velocity = sampler->config().prediction == ModelPrediction::Sample
+                                    ? velocity_from_sample(output, x, sampler->sigmas()[i])
+                                    : output;
     x = sampler->step(velocity, i, x);
     if (on_step) on_step(i + 1 - sampler->begin_index(), total - sampler->begin_index());
   }

@@ -260,9 +260,15 @@ SamplerConfig from_scheduler_config(const std::string& json_text, const std::str
                      "' (expected UniPCMultistepScheduler, DPMSolverMultistepScheduler or FlowMatchEulerDiscreteScheduler)");
   }
 
+  // FlowMatchEuler has no prediction_type of its own: velocity unless the key says otherwise.
   const std::string default_prediction = diffusers_class ? "epsilon" : "flow_prediction";
-  if (config.name != "euler" && string_or(doc, "prediction_type", default_prediction, label) != "flow_prediction")
-    throw InputError(label + ": 'prediction_type' must be flow_prediction (vdit runs flow-matching models)");
+  const std::string prediction = string_or(doc, "prediction_type", default_prediction, label);
+  if (prediction == "sample") {
+    config.prediction = ModelPrediction::Sample;
+  } else if (prediction != "flow_prediction") {
+    throw InputError(label + ": 'prediction_type' must be flow_prediction or sample (vdit runs flow-matching models; got " +
+                     prediction + ")");
+  }
   if (bool_or(doc, "use_dynamic_shifting", false, label))
     throw InputError(label + ": 'use_dynamic_shifting' is not supported");
   if (bool_or(doc, "thresholding", false, label)) throw InputError(label + ": 'thresholding' is not supported");
@@ -327,6 +333,13 @@ SamplerConfig read_scheduler_config(const std::string& path) {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
+
+at::Tensor velocity_from_sample(const at::Tensor& sample_prediction, const at::Tensor& noisy, double sigma) {
+  if (!(sigma > 0.0))
+    throw RuntimeError("velocity_from_sample: sigma must be positive (got " + std::to_string(sigma) + ")");
+  const at::Tensor v = (noisy.to(at::kFloat) - sample_prediction.to(at::kFloat)) / sigma;
+  return v.to(sample_prediction.scalar_type());
+}
 
 at::Tensor add_noise(const at::Tensor& x0, const at::Tensor& noise, double sigma) {
   if (!x0.defined() || !noise.defined() || x0.sizes() != noise.sizes())

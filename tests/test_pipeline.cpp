@@ -79,6 +79,43 @@ TEST_CASE("end-to-end generate reproduces the reference WanT2V.generate", "[pipe
   }
 }
 
+TEST_CASE("a sample-predicting model's guided output becomes the velocity before each step", "[pipeline]") {
+  // One Euler step from sigma 1 to 0 ends a velocity model at noise - output and a sample model at
+  // its output, so with the same weights the two runs satisfy x_sample = noise - x_velocity.
+  auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
+  const fs::path dir = temp_dir("sample-prediction");
+  vdit_test::write_text(dir / "velocity.json", R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0})");
+  vdit_test::write_text(dir / "sample.json",
+                        R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0, "prediction_type": "sample"})");
+  WanModelFiles files;
+  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
+  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
+  files.vae = fixture("wan-tiny/vae/weights.safetensors");
+  files.scheduler_config = (dir / "velocity.json").string();
+  WanT2VPipeline velocity_model(files, WanT2VOptions{});
+  files.scheduler_config = (dir / "sample.json").string();
+  WanT2VPipeline sample_model(files, WanT2VOptions{});
+
+  T2VSettings settings;
+  settings.width = 48;
+  settings.height = 32;
+  settings.frames = 9;
+  settings.steps = 1;
+  settings.sampler = "euler";
+  settings.guidance = 5.0;
+  REQUIRE(sample_model.make_sampler_for(settings)->sigmas() == std::vector<float>{1.0f, 0.0f});
+  const at::Tensor noise = file->tensor("noise");
+  const at::Tensor x_velocity = velocity_model.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings);
+  const at::Tensor x_sample = sample_model.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings);
+  CHECK(max_abs_diff(x_velocity, noise) > 1e-2);  // the model did something
+  CHECK(at::allclose(x_sample, noise - x_velocity, 1e-5, 1e-5));
+  // Another solver than the scheduler config's keeps what the model predicts.
+  settings.sampler = "unipc";
+  CHECK(sample_model.make_sampler_for(settings)->config().prediction == ModelPrediction::Sample);
+  CHECK(velocity_model.make_sampler_for(settings)->config().prediction == ModelPrediction::Velocity);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("invalid sizes, frame counts and samplers are rejected with suggestions", "[pipeline]") {
   T2VSettings s;
   s.width = 50;

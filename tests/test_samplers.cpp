@@ -177,6 +177,28 @@ TEST_CASE("sampler: straight-line flow is followed exactly by every solver", "[s
   }
 }
 
+TEST_CASE("sampler: a sample-predicting model's true x0 lands every solver on it", "[sampler]") {
+  // velocity_from_sample turns a predicted x0 into (x - x0) / sigma; with the true x0 that is the
+  // straight-line velocity noise - x0 at every step, so each solver ends on x0.
+  at::manual_seed(12);
+  const at::Tensor x0 = at::randn({1, 16, 3, 4, 5});
+  const at::Tensor noise = at::randn({1, 16, 3, 4, 5});
+  for (double sigma : {1.0, 0.5, 0.05}) {
+    INFO("sigma " << sigma);
+    CHECK(compare(vdit::velocity_from_sample(x0, vdit::add_noise(x0, noise, sigma), sigma), noise - x0, 1e-5, 1e-5).within);
+  }
+  CHECK_THROWS_AS(vdit::velocity_from_sample(x0, x0, 0.0), vdit::RuntimeError);
+  for (const std::string name : {"unipc", "dpm++", "euler"}) {
+    INFO("sampler " << name);
+    auto sampler = vdit::make_sampler(name);
+    sampler->set_schedule(12, 5.0);
+    at::Tensor x = vdit::add_noise(x0, noise, sampler->sigmas()[0]);
+    for (int i = 0; i < sampler->num_steps(); ++i)
+      x = sampler->step(vdit::velocity_from_sample(x0, x, sampler->sigmas()[static_cast<std::size_t>(i)]), i, x);
+    CHECK(compare(x, x0, 1e-5, 1e-5).within);
+  }
+}
+
 TEST_CASE("sampler: Euler step is x + (sigma_next - sigma) * v, and equals first-order DPM++", "[sampler]") {
   at::manual_seed(12);
   const at::Tensor x = at::randn({16, 2, 4, 6});
@@ -397,6 +419,17 @@ TEST_CASE("sampler: diffusers scheduler_config.json", "[sampler]") {
   CHECK(wan_dpm.name == "dpm++");
   CHECK(wan_dpm.solver_order == 1);
   CHECK(wan_dpm.grid == vdit::SigmaGrid::SolverDefault);
+
+  // A model that predicts x0 says so with diffusers' "sample"; velocity is the default.
+  CHECK(config.prediction == vdit::ModelPrediction::Velocity);
+  CHECK(euler.prediction == vdit::ModelPrediction::Velocity);
+  CHECK(vdit::from_scheduler_config(R"({"_class_name": "UniPCMultistepScheduler", "prediction_type": "sample",
+                                        "use_flow_sigmas": true})")
+            .prediction == vdit::ModelPrediction::Sample);
+  CHECK(vdit::from_scheduler_config(R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "prediction_type": "sample"})")
+            .prediction == vdit::ModelPrediction::Sample);
+  CHECK_THROWS_AS(vdit::from_scheduler_config(R"({"_class_name": "FlowUniPCMultistepScheduler", "prediction_type": "epsilon"})"),
+                  vdit::InputError);
 
   CHECK_THROWS_AS(vdit::from_scheduler_config("{not json"), vdit::InputError);
   CHECK_THROWS_AS(vdit::from_scheduler_config("[1, 2]"), vdit::InputError);

@@ -409,7 +409,9 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   }
   {
     std::ifstream in(dir / "scheduler" / "scheduler_config.json");
-    CHECK(nlohmann::json::parse(in)["flow_shift"].get<double>() == Approx(c.flow_shift));
+    const auto scheduler = nlohmann::json::parse(in);
+    CHECK(scheduler["flow_shift"].get<double>() == Approx(c.flow_shift));
+    CHECK(scheduler["prediction_type"] == c.dit_prediction);
   }
   CHECK(fs::exists(dir / "train-state" / "dit.pt"));
   CHECK(fs::exists(dir / "train-state" / "vae.pt"));
@@ -687,6 +689,44 @@ TEST_CASE("train-demo: the object-weighted flow loss is MSE at weight 0 and a we
   const at::Tensor off = target + mask.expand_as(target);
   const double m = mask.sum().item<double>(), n = static_cast<double>(mask.numel());
   CHECK(dit_flow_loss(off, target, mask, 8).item<double>() == Approx(9 * m / (9 * m + (n - m))).epsilon(1e-6));
+}
+
+TEST_CASE("train-demo: a sample-predicting DiT's loss is the velocity loss above sigma 0.05 and capped below", "[train]") {
+  at::manual_seed(3);
+  const at::Tensor x0 = at::randn({2, 4, 3, 4, 4}), eps = at::randn({2, 4, 3, 4, 4});
+  const at::Tensor x0_pred = x0 + 0.1 * at::randn({2, 4, 3, 4, 4});
+  for (double sigma : {1.0, 0.5, 0.05}) {
+    INFO("sigma " << sigma);
+    const at::Tensor sv = at::full({2, 1, 1, 1, 1}, sigma);
+    const at::Tensor xt = (1.0 - sv) * x0 + sv * eps;
+    const auto [velocity, target] = sample_prediction_velocities(x0_pred, x0, xt, sv);
+    CHECK(at::allclose(target, eps - x0, 1e-4, 1e-4));
+    // The velocity error is the x0 error over sigma.
+    CHECK(at::allclose(velocity - target, (x0 - x0_pred) / sigma, 1e-4, 1e-4));
+    // The true x0 has zero loss.
+    const auto [exact, same_target] = sample_prediction_velocities(x0, x0, xt, sv);
+    CHECK(at::allclose(exact, same_target, 1e-6, 1e-6));
+  }
+  // Below the floor the x0 error weighs 1 / 0.05^2, not 1 / sigma^2.
+  const at::Tensor sv = at::full({2, 1, 1, 1, 1}, 0.01);
+  const at::Tensor xt = (1.0 - sv) * x0 + sv * eps;
+  const auto [velocity, target] = sample_prediction_velocities(x0_pred, x0, xt, sv);
+  CHECK(at::allclose(velocity - target, (x0 - x0_pred) / 0.05, 1e-4, 1e-4));
+  CHECK(at::allclose(target, (eps - x0) * (0.01 / 0.05), 1e-4, 1e-4));
+
+  // The config takes the two diffusers names and nothing else; a sample-predicting DiT trains.
+  CHECK(DemoTrainConfig::from_json({{"dit_prediction", "sample"}}).dit_prediction == "sample");
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"dit_prediction", "epsilon"}}), vdit::InputError);
+  DemoTrainConfig c = micro_config();
+  c.dit_prediction = "sample";
+  torch::manual_seed(0);
+  WanVAE vae(c.vae);
+  auto [ctx, null_ctx] = random_contexts(c);
+  DiTTrainer trainer(c, vae, ctx, null_ctx, 11);
+  std::vector<double> loss;
+  for (int i = 0; i < 40; ++i) loss.push_back(trainer.step().loss);
+  INFO("first " << mean_of(loss, 0, 5) << " last " << mean_of(loss, 35, 5));
+  CHECK(mean_of(loss, 35, 5) < 0.9 * mean_of(loss, 0, 5));
 }
 
 TEST_CASE("train-demo: the latent object mask covers exactly the latent cells of the object, grown by one", "[train]") {

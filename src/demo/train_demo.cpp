@@ -28,6 +28,7 @@
 #include <functional>
 #include <iomanip>
 #include <sstream>
+#include <tuple>
 
 extern char** environ;
 
@@ -36,6 +37,10 @@ namespace vdit::demo {
 namespace fs = std::filesystem;
 
 namespace {
+
+// Sample-predicting DiT: sigmas below this count as this in the velocity loss (the weight of an x0
+// error is 1 / sigma^2 there, which would otherwise grow without bound as sigma -> 0).
+constexpr double kSamplePredictionLossMinSigma = 0.05;
 
 using Clock = std::chrono::steady_clock;
 
@@ -351,6 +356,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("dit_lr", c.dit_lr);
   get("dit_warmup", c.dit_warmup);
   get("dit_lr_final", c.dit_lr_final);
+  get("dit_prediction", c.dit_prediction);
   get("dit_weight_decay", c.dit_weight_decay);
   get("grad_clip", c.grad_clip);
   get("caption_dropout", c.caption_dropout);
@@ -396,6 +402,8 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.vae_gradient_weight < 0) throw InputError("demo training config: vae_gradient_weight must be >= 0");
   if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
   if (!(c.dit_lr_final > 0 && c.dit_lr_final <= 1)) throw InputError("demo training config: dit_lr_final must be in (0, 1]");
+  if (c.dit_prediction != "flow_prediction" && c.dit_prediction != "sample")
+    throw InputError("demo training config: dit_prediction must be \"flow_prediction\" or \"sample\"");
   if (!(c.flow_shift > 0) || !(c.sample_shift > 0))
     throw InputError("demo training config: flow_shift and sample_shift must be > 0");
   return c;
@@ -449,6 +457,7 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["dit_lr"] = dit_lr;
   j["dit_warmup"] = dit_warmup;
   j["dit_lr_final"] = dit_lr_final;
+  j["dit_prediction"] = dit_prediction;
   j["dit_weight_decay"] = dit_weight_decay;
   j["grad_clip"] = grad_clip;
   j["caption_dropout"] = caption_dropout;
@@ -564,6 +573,13 @@ at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const
   if (object_weight == 0) return err.mean();
   const at::Tensor w = (1.0 + object_weight * mask).expand_as(err);
   return (w * err).mean() / w.mean();
+}
+
+std::pair<at::Tensor, at::Tensor> sample_prediction_velocities(const at::Tensor& x0_pred, const at::Tensor& x0,
+                                                               const at::Tensor& noisy, const at::Tensor& sigma) {
+  // The floor keeps the lowest-noise samples from dominating: an x0 error weighs 1 / s^2.
+  const at::Tensor s = sigma.clamp_min(kSamplePredictionLossMinSigma);
+  return {(noisy - x0_pred) / s, (noisy - x0) / s};
 }
 
 at::Tensor vae_training_window(const at::Tensor& video, const DemoTrainConfig& config, std::mt19937_64& rng) {
@@ -988,7 +1004,9 @@ DiTStepResult DiTTrainer::step(double lr_scale) {
     WanTextCondition cond = dit_->encode_text(ctx);
     pred = dit_->forward(xt, t, cond);
   }
-  const at::Tensor loss = dit_flow_loss(pred.to(at::kFloat), target, pool_mask_.index_select(0, index).to(at::kFloat),
+  at::Tensor velocity = pred.to(at::kFloat), velocity_target = target;
+  if (config_.dit_prediction == "sample") std::tie(velocity, velocity_target) = sample_prediction_velocities(velocity, x0, xt, sv);
+  const at::Tensor loss = dit_flow_loss(velocity, velocity_target, pool_mask_.index_select(0, index).to(at::kFloat),
                                         config_.dit_object_weight);
   optimizer_->zero_grad();
   loss.backward();
@@ -1103,7 +1121,7 @@ void write_pipeline_files(const fs::path& dir, const DemoTrainConfig& config) {
   write_text(dir / "model_index.json", index.dump(2) + "\n");
   const nlohmann::json scheduler = {{"_class_name", "UniPCMultistepScheduler"},
                                     {"num_train_timesteps", 1000},
-                                    {"prediction_type", "flow_prediction"},
+                                    {"prediction_type", config.dit_prediction},
                                     {"use_flow_sigmas", true},
                                     {"flow_shift", config.flow_shift},
                                     {"solver_order", 2},

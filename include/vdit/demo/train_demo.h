@@ -20,6 +20,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "vdit/models/umt5.h"
@@ -107,6 +108,15 @@ struct DemoTrainConfig {
   // was trained (its later phases are continuations at lower constant rates, configs/
   // shapes-demo-continue*.json); below 1 one run does that decay by itself.
   double dit_lr_final = 1.0;
+  // What the DiT outputs, written to the model's scheduler config as its prediction_type:
+  // "flow_prediction" (the velocity noise - x0, as every released Wan2.1 model and the shipped demo
+  // DiT) or "sample" (the clean latent x0). Either way the loss is on the velocity: a sample
+  // prediction x^ is turned into (x_sigma - x^) / max(sigma, 0.05) against (x_sigma - x0) /
+  // max(sigma, 0.05), the noise - x0 target above sigma 0.05 with its weight capped below.
+  // Predicting x0 keeps the output on the low-dimensional data manifold, which is said to matter
+  // when a token's patch holds more values than the model width (Li & He 2025, "Back to Basics:
+  // Let Denoising Generative Models Denoise").
+  std::string dit_prediction = "flow_prediction";
   double dit_weight_decay = 0.01;
   double grad_clip = 1.0;
   double caption_dropout = 0.1;
@@ -275,6 +285,13 @@ at::Tensor latent_object_mask(const at::Tensor& video, std::int64_t temporal_str
 // w = 1 + object_weight * mask (mask [B, 1, F', h, w] broadcast over channels). object_weight 0 is
 // plain MSE; a uniform error e gives e^2 whatever the mask.
 at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, double object_weight);
+
+// A sample-predicting DiT's loss terms (DemoTrainConfig::dit_prediction "sample"): the velocity its
+// x0 prediction implies and the target, {(noisy - x0_pred) / s, (noisy - x0) / s} with
+// s = max(sigma, 0.05) (sigma broadcast against the latents). Above sigma 0.05 the target is
+// exactly noise - x0, the velocity model's.
+std::pair<at::Tensor, at::Tensor> sample_prediction_velocities(const at::Tensor& x0_pred, const at::Tensor& x0,
+                                                               const at::Tensor& noisy, const at::Tensor& sigma);
 
 class DiTTrainer {
  public:

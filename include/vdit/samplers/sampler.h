@@ -1,7 +1,9 @@
 // Flow-matching samplers (UniPC, DPM++, Euler) that pipelines drive one step at a time.
 //
 // Conventions (flow matching, as Wan2.1): x_sigma = (1 - sigma) * x0 + sigma * noise, the model
-// predicts the velocity v = noise - x0, sampling walks sigma from ~1 down to 0.
+// predicts the velocity v = noise - x0 (or, for a scheduler config with prediction_type "sample",
+// the clean latent x0, which a pipeline turns into that velocity with velocity_from_sample before
+// stepping), sampling walks sigma from ~1 down to 0.
 // Schedules are computed in float64 and stored as f32 sigmas, with int64 timesteps truncated from
 // the float64 values (sigma * num_train_timesteps), exactly as the reference schedulers do.
 #pragma once
@@ -23,8 +25,13 @@ enum class SigmaGrid {
   DiffusersFlow,  // diffusers use_flow_sigmas: flip(shift(1 - linspace(1, 1/N, n+1)))[:-1]
 };
 
+// What the model's output is: the velocity noise - x0 (prediction_type "flow_prediction", every
+// released Wan2.1 model) or the clean latent x0 itself ("sample"). Samplers always take velocities.
+enum class ModelPrediction { Velocity, Sample };
+
 struct SamplerConfig {
   std::string name = "unipc";     // unipc | dpm++ | euler
+  ModelPrediction prediction = ModelPrediction::Velocity;
   int num_train_timesteps = 1000;
   double shift = 5.0;             // default shift a pipeline passes to set_schedule
   int solver_order = 2;           // unipc: 1..2, dpm++: 1..2, euler: ignored
@@ -103,11 +110,17 @@ std::unique_ptr<FlowSampler> make_sampler(const SamplerConfig& config);
 // (diffusers flow grid, shift = flow_shift), Wan's FlowUniPCMultistepScheduler /
 // FlowDPMSolverMultistepScheduler (shift = shift), FlowMatchEulerDiscreteScheduler (euler with
 // its shift on the Wan linear grid; diffusers' own Euler grid and float timesteps are not
-// reproduced). Anything vdit cannot honour exactly (another class or prediction type, dynamic
+// reproduced). prediction_type flow_prediction (a velocity model) or sample (an x0 model, see
+// ModelPrediction). Anything vdit cannot honour exactly (another class or prediction type, dynamic
 // shifting, thresholding, solver order 3, final sigma != 0) -> InputError naming the key.
 SamplerConfig from_scheduler_config(const std::string& json_text, const std::string& label = "scheduler_config.json");
 // Reads the file (e.g. <model>/scheduler/scheduler_config.json); InputError if unreadable.
 SamplerConfig read_scheduler_config(const std::string& path);
+
+// The velocity a sample-predicting model implies at `noisy` (x at sigma): (noisy - x0) / sigma,
+// computed in f32 and returned in the prediction's dtype. For sigma <= 0 (where no model is
+// evaluated) throws vdit::RuntimeError. With the true x0 this is exactly noise - x0.
+at::Tensor velocity_from_sample(const at::Tensor& sample_prediction, const at::Tensor& noisy, double sigma);
 
 // (1 - sigma) * x0 + sigma * noise, with sigma rounded to x0's dtype first (as the reference).
 at::Tensor add_noise(const at::Tensor& x0, const at::Tensor& noise, double sigma);
