@@ -65,8 +65,9 @@ void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
   if (s.steps < 1 && s.sigmas.empty()) throw InputError("--steps must be at least 1");
   if (s.shift && !(*s.shift > 0)) throw InputError("--shift must be positive");
   if (!std::isfinite(s.guidance)) throw InputError("--guidance must be a finite number");
-  if (s.sampler != "unipc" && s.sampler != "dpm++" && s.sampler != "euler")
-    throw InputError("unknown sampler '" + s.sampler + "' (expected unipc, dpm++ or euler)");
+  if (s.sampler != "unipc" && s.sampler != "dpm++" && s.sampler != "euler" && s.sampler != "euler-a")
+    throw InputError("unknown sampler '" + s.sampler + "' (expected unipc, dpm++, euler or euler-a)");
+  if (!(s.eta >= 0.0 && s.eta <= 1.0)) throw InputError("--eta must be in [0, 1] (got " + std::to_string(s.eta) + ")");
   if (s.noise.defined()) {
     auto expected = t2v_latent_shape(s, g);
     if (s.noise.sizes().vec() != expected) {
@@ -112,6 +113,23 @@ WanT2VPipeline::WanT2VPipeline(WanModelFiles files, WanT2VOptions options)
   if (!files_.scheduler_config.empty()) scheduler_config_ = read_scheduler_config(files_.scheduler_config);
 }
 
+namespace {
+std::string eta_text(double eta) {
+  std::ostringstream out;
+  out << eta;
+  return out.str();
+}
+}  // namespace
+
+std::uint64_t sampler_noise_seed(std::uint64_t seed) {
+  // A stream apart from the initial noise's: clip i of an eval run uses seed + i, so seed + 1 here
+  // would replay the next clip's starting noise. One splitmix64 round decorrelates the two.
+  std::uint64_t z = seed + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 std::unique_ptr<FlowSampler> WanT2VPipeline::make_sampler_for(const T2VSettings& settings) const {
   SamplerConfig config = scheduler_config_ ? *scheduler_config_ : SamplerConfig{};
   if (config.name != settings.sampler) {
@@ -125,7 +143,9 @@ std::unique_ptr<FlowSampler> WanT2VPipeline::make_sampler_for(const T2VSettings&
     if (scheduler_config_) fresh.grid = config.grid;
     config = fresh;
   }
-  if (settings.sampler == "euler") config.solver_order = 1;
+  if (settings.sampler == "euler" || settings.sampler == "euler-a") config.solver_order = 1;
+  config.eta = settings.eta;
+  config.noise_seed = sampler_noise_seed(settings.seed);
   auto sampler = make_sampler(config);
   if (!settings.sigmas.empty()) {
     sampler->set_sigmas(settings.sigmas);
@@ -277,7 +297,7 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       {"size", std::to_string(settings.width) + "x" + std::to_string(settings.height)},
       {"frames", std::to_string(settings.frames)},
       {"steps", std::to_string(sampler->num_steps())},
-      {"sampler", settings.sampler},
+      {"sampler", settings.sampler == "euler-a" ? settings.sampler + " (eta " + eta_text(settings.eta) + ")" : settings.sampler},
       {"shift", shift.str()},
       {"guidance", guidance.str()},
       {"model", files_.root.empty() ? files_.dit.front() : files_.root},

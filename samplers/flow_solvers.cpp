@@ -8,6 +8,8 @@
 
 #include "vdit/common.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -207,6 +209,40 @@ at::Tensor EulerSampler::step(const at::Tensor& model_output, int step_index, co
   begin_step(step_index, model_output, sample, /*multistep=*/false);
   const std::size_t i = static_cast<std::size_t>(step_index);
   return euler_flow_step(model_output, sample, sigmas_[i], sigmas_[i + 1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Euler ancestral (DDIM-eta on the flow path)
+
+EulerAncestralSampler::EulerAncestralSampler(SamplerConfig config) : FlowSampler(std::move(config)) {
+  if (!(config_.eta >= 0.0 && config_.eta <= 1.0))
+    throw InputError("sampler eta must be in [0, 1] (got " + std::to_string(config_.eta) + ")");
+  generator_ = at::make_generator<at::CPUGeneratorImpl>(config_.noise_seed);
+}
+
+void EulerAncestralSampler::reset() {
+  FlowSampler::reset();
+  generator_ = at::make_generator<at::CPUGeneratorImpl>(config_.noise_seed);
+}
+
+at::Tensor EulerAncestralSampler::step(const at::Tensor& model_output, int step_index, const at::Tensor& sample) {
+  // A run restarts (and reseeds) at the begin index, like the multistep solvers' history.
+  if (step_index == begin_index_) reset();
+  begin_step(step_index, model_output, sample, /*multistep=*/false);
+  const std::size_t i = static_cast<std::size_t>(step_index);
+  const double sigma = sigmas_[i], sigma_next = sigmas_[i + 1];
+  // Schedules strictly decrease (set_sigmas enforces it), so sigma > sigma_next >= 0 here. The
+  // posterior variance needs the path's signal ratio; at sigma = 1 (no signal) it is eta^2 s'^2,
+  // and at sigma_next = 0 it is 0: the last step lands on x0^ exactly like Euler.
+  const double ratio = sigma >= 1.0 ? 0.0 : ((1.0 - sigma) * sigma_next) / ((1.0 - sigma_next) * sigma);
+  const double r2 = config_.eta * config_.eta * sigma_next * sigma_next * std::max(0.0, 1.0 - ratio * ratio);
+  const double r = std::sqrt(r2);
+  const double keep = std::sqrt(std::max(0.0, sigma_next * sigma_next - r2));
+  const at::Tensor x = sample.to(at::kFloat), v = model_output.to(at::kFloat);
+  const at::Tensor x0 = x - sigma * v;
+  const at::Tensor noise = x + (1.0 - sigma) * v;
+  const at::Tensor z = at::randn(sample.sizes(), generator_, at::TensorOptions().dtype(at::kFloat)).to(sample.device());
+  return ((1.0 - sigma_next) * x0 + keep * noise + r * z).to(model_output.scalar_type());
 }
 
 }  // namespace vdit

@@ -186,7 +186,8 @@ std::unique_ptr<FlowSampler> make_sampler(const SamplerConfig& config) {
   if (config.name == "unipc") return std::make_unique<UniPCSampler>(config);
   if (config.name == "dpm++") return std::make_unique<DPMppSampler>(config);
   if (config.name == "euler") return std::make_unique<EulerSampler>(config);
-  throw InputError("unknown sampler '" + config.name + "' (expected unipc, dpm++ or euler)");
+  if (config.name == "euler-a") return std::make_unique<EulerAncestralSampler>(config);
+  throw InputError("unknown sampler '" + config.name + "' (expected unipc, dpm++, euler or euler-a)");
 }
 
 std::unique_ptr<FlowSampler> make_sampler(const std::string& name, int num_train_timesteps) {

@@ -116,6 +116,40 @@ TEST_CASE("a sample-predicting model's guided output becomes the velocity before
   fs::remove_all(dir);
 }
 
+TEST_CASE("euler-a in the pipeline: the run's seed fixes its noise; eta 0 is Euler", "[pipeline]") {
+  auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
+  WanModelFiles files;
+  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
+  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
+  files.vae = fixture("wan-tiny/vae/weights.safetensors");
+  WanT2VPipeline pipeline(files, WanT2VOptions{});
+  T2VSettings settings;
+  settings.width = 48;
+  settings.height = 32;
+  settings.frames = 9;
+  settings.steps = 4;
+  settings.guidance = 5.0;
+  settings.sampler = "euler-a";
+  settings.seed = 7;
+  const at::Tensor noise = file->tensor("noise");
+  const auto run = [&] {
+    return pipeline.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings);
+  };
+  const at::Tensor first = run();
+  CHECK(at::equal(run(), first));  // same seed, same inputs: the same latents
+  settings.seed = 8;               // same starting noise, another stream of per-step noise
+  CHECK(max_abs_diff(run(), first) > 1e-3);
+  settings.eta = 0.0;
+  const at::Tensor deterministic = run();
+  settings.sampler = "euler";
+  CHECK(at::allclose(run(), deterministic, 1e-4, 1e-4));
+  CHECK(sampler_noise_seed(7) != sampler_noise_seed(8));
+  CHECK(sampler_noise_seed(7) != 7);
+  settings.sampler = "euler-a";
+  settings.eta = 1.5;
+  CHECK_THROWS_WITH(validate_t2v_settings(settings), Catch::Contains("--eta"));
+}
+
 TEST_CASE("invalid sizes, frame counts and samplers are rejected with suggestions", "[pipeline]") {
   T2VSettings s;
   s.width = 50;
@@ -288,7 +322,8 @@ TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the com
   const fs::path model = vdit_test::make_tiny_model(root / "model", "diffusers");
   {
     std::ofstream(model / "vdit-demo.json") << R"({"size": "32x16", "frames": 5, "steps": 2, "fps": 8,
-                                                   "guidance": 3.5, "negative_prompt": ""})";
+                                                   "guidance": 3.5, "negative_prompt": "",
+                                                   "sampler": "euler-a", "eta": 0.5})";
   }
   std::string out;
   REQUIRE(run_vdit("generate -m " + model.string() + " -p 'a red circle' -o " + (root / "a.mp4").string(), &out) == 0);
@@ -305,6 +340,7 @@ TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the com
   CHECK(all.find("steps=2") != std::string::npos);
   CHECK(all.find("guidance=3.5") != std::string::npos);
   CHECK(all.find("negative_prompt=\n") != std::string::npos);  // "" given by the model, not Wan's default
+  CHECK(all.find("sampler=euler-a (eta 0.5)") != std::string::npos);
 
   // Command-line options override the file.
   REQUIRE(run_vdit("generate -m " + model.string() + " -p 'a red circle' --size 48x32 --frames 1 -n 'blurry' -o " +
@@ -313,6 +349,7 @@ TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the com
   const auto text = read_png_text((root / "b.png").string());
   REQUIRE(!text.empty());
   CHECK(text[0].second.find("Negative prompt: blurry") != std::string::npos);
+  CHECK(text[0].second.find("Sampler: euler-a (eta 0.5)") != std::string::npos);
 
   // A broken defaults file is a one-line input error naming it.
   { std::ofstream(model / "vdit-demo.json") << "{\"frames\": \"nine\"}"; }

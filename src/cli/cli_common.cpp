@@ -49,6 +49,7 @@ std::optional<ModelDefaults> read_model_defaults(const std::string& dir) {
       else if (key == "frames") d.frames = value.get<std::int64_t>();
       else if (key == "steps") d.steps = value.get<int>();
       else if (key == "sampler") d.sampler = value.get<std::string>();
+      else if (key == "eta") d.eta = value.get<double>();
       else if (key == "shift") d.shift = value.get<double>();
       else if (key == "guidance") d.guidance = value.get<double>();
       else if (key == "fps") d.fps = value.get<double>();

@@ -17,13 +17,13 @@ std::pair<std::int64_t, std::int64_t> parse_size(const std::string& text);
 std::string builtin_model_dir();
 
 // DIR/vdit-demo.json: the generation defaults a model ships (the built-in demo model is trained
-// for 64x64, 9 frames, 8 fps and an empty negative prompt). Keys: size, frames, steps, sampler,
+// for 64x64, 9 frames, 8 fps and an empty negative prompt). Keys: size, frames, steps, sampler, eta,
 // shift, guidance, fps, negative_prompt; keys starting with '_' are comments; other keys warn.
 struct ModelDefaults {
   std::optional<std::string> size, sampler, negative_prompt;
   std::optional<std::int64_t> frames;
   std::optional<int> steps;
-  std::optional<double> shift, guidance, fps;
+  std::optional<double> eta, shift, guidance, fps;
 };
 // nullopt when the file does not exist; InputError naming the file when it cannot be read.
 std::optional<ModelDefaults> read_model_defaults(const std::string& dir);

@@ -46,6 +46,7 @@ struct EvalOptions {
   double guidance = 4.0;
   double shift = 0;          // 0: the model's scheduler config
   std::string sampler = "unipc";
+  double eta = 1.0;          // euler-a only
   std::string negative_prompt;  // the demo model is trained with "" as its unconditional caption
   std::string size = "64x64";
   std::int64_t frames = 9;
@@ -72,6 +73,7 @@ void apply_model_defaults(const std::string& dir, const CLI::App& cmd, EvalOptio
   if (d->guidance && !given("--guidance")) o.guidance = *d->guidance;
   if (d->shift && !given("--shift")) o.shift = *d->shift;
   if (d->sampler && !given("--sampler")) o.sampler = *d->sampler;
+  if (d->eta && !given("--eta")) o.eta = *d->eta;
   if (d->negative_prompt && !given("--negative-prompt")) o.negative_prompt = *d->negative_prompt;
 }
 
@@ -138,6 +140,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   settings.frames = o.frames;
   settings.steps = o.steps;
   settings.sampler = o.sampler;
+  settings.eta = o.eta;
   if (o.shift != 0) settings.shift = o.shift;
   settings.guidance = o.guidance;
 
@@ -249,6 +252,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
       } else {
         metadata["steps"] = std::to_string(o.steps);
         metadata["sampler"] = o.sampler;
+        if (o.sampler == "euler-a") metadata["eta"] = number_text(o.eta);
         metadata["guidance"] = number_text(o.guidance);
         if (o.shift != 0) metadata["shift"] = number_text(o.shift);
       }
@@ -283,6 +287,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
       j["steps"] = o.steps;
       j["guidance"] = o.guidance;
       j["sampler"] = o.sampler;
+      if (o.sampler == "euler-a") j["eta"] = o.eta;
       // null: the scheduler config's flow_shift.
       j["shift"] = o.shift != 0 ? nlohmann::json(o.shift) : nlohmann::json(nullptr);
     }
@@ -307,7 +312,8 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--steps", o->steps, "Sampling steps (default: the model's vdit-demo.json, else 30)");
   cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (default: the model's vdit-demo.json, else 4)");
   cmd->add_option("--shift", o->shift, "Flow shift (default: the model's vdit-demo.json or scheduler config)");
-  cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler")->capture_default_str();
+  cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler | euler-a (stochastic)")->capture_default_str();
+  cmd->add_option("--eta", o->eta, "euler-a: share of the posterior noise re-drawn each step, 0 (= euler) to 1")->capture_default_str();
   cmd->add_option("-n,--negative-prompt", o->negative_prompt, "Negative prompt (default: the model's vdit-demo.json, else empty)");
   cmd->add_option("--size", o->size, "WIDTHxHEIGHT (generated: multiples of 16; at least 32x32)")->capture_default_str();
   cmd->add_option("--frames", o->frames, "Frames per clip (generated: 4n+1)")->capture_default_str();

@@ -53,6 +53,7 @@ struct GenerateOptions {
   std::int64_t frames = 81;
   int steps = 50;
   std::string sampler = "unipc";
+  double eta = 1.0;  // euler-a only
   double shift = 0;  // 0: from the model's scheduler config, else 5
   double guidance = 5.0;
   std::int64_t seed = 42;
@@ -76,6 +77,7 @@ void apply_model_defaults(const std::string& dir, const CLI::App& cmd, GenerateO
   if (d->frames && !given("--frames")) o.frames = *d->frames;
   if (d->steps && !given("--steps")) o.steps = *d->steps;
   if (d->sampler && !given("--sampler")) o.sampler = *d->sampler;
+  if (d->eta && !given("--eta")) o.eta = *d->eta;
   if (d->shift && !given("--shift")) o.shift = *d->shift;
   if (d->guidance && !given("--guidance")) o.guidance = *d->guidance;
   if (d->fps && !given("--fps")) o.fps = *d->fps;
@@ -98,7 +100,8 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--size", o->size, "WIDTHxHEIGHT, multiples of 16")->capture_default_str();
   cmd->add_option("--frames", o->frames, "Frame count, 4n+1 (1: a still image)")->capture_default_str();
   cmd->add_option("--steps", o->steps, "Sampling steps")->capture_default_str();
-  cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler")->capture_default_str();
+  cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler | euler-a (stochastic)")->capture_default_str();
+  cmd->add_option("--eta", o->eta, "euler-a: share of the posterior noise re-drawn each step, 0 (= euler) to 1")->capture_default_str();
   cmd->add_option("--shift", o->shift, "Flow shift (default: the model's scheduler config, else 5)");
   cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (1: off)")->capture_default_str();
   cmd->add_option("-s,--seed", o->seed, "Seed of the initial noise")->capture_default_str();
@@ -139,6 +142,7 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     settings.frames = o->frames;
     settings.steps = o->steps;
     settings.sampler = o->sampler;
+    settings.eta = o->eta;
     if (o->shift != 0) settings.shift = o->shift;
     settings.guidance = o->guidance;
     if (o->seed < 0) throw InputError("--seed must be >= 0");

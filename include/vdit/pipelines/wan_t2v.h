@@ -28,7 +28,8 @@ struct T2VSettings {
   std::optional<std::string> negative_prompt;  // nullopt: kWanDefaultNegativePrompt ("" is a valid prompt)
   std::int64_t width = 832, height = 480, frames = 81;
   int steps = 50;
-  std::string sampler = "unipc";
+  std::string sampler = "unipc";  // unipc | dpm++ | euler | euler-a
+  double eta = 1.0;               // euler-a: share of the posterior noise re-drawn per step, [0, 1]
   std::optional<double> shift;    // default: the model's scheduler config, else 5.0
   double guidance = 5.0;
   std::uint64_t seed = 0;
@@ -58,6 +59,8 @@ std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& settings, const La
 // Seeded standard-normal noise drawn on the CPU with LibTorch's generator (equal to torch.randn
 // with torch.Generator("cpu").manual_seed(seed)), so a seed means the same noise on every device.
 at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t seed);
+// The seed of a stochastic sampler's (euler-a) per-step noise for a run of seed `seed`.
+std::uint64_t sampler_noise_seed(std::uint64_t seed);
 
 struct WanT2VOptions {
   at::Device device = at::kCPU;

@@ -39,6 +39,10 @@ struct SamplerConfig {
   bool unipc_bh2 = true;          // UniPC B(h) variant: bh2 (expm1) or bh1 (h)
   std::vector<int> disable_corrector;  // UniPC: step indices whose following corrector is skipped
   SigmaGrid grid = SigmaGrid::SolverDefault;
+  // euler-a only: the share of the posterior noise re-drawn each step (0: deterministic, exactly
+  // euler; 1: ancestral, the DDPM posterior) and the seed of those draws.
+  double eta = 1.0;
+  std::uint64_t noise_seed = 0;
 };
 
 struct SigmaSchedule {
@@ -101,7 +105,7 @@ class FlowSampler {
   int last_step_index_ = -1;  // -1: no step taken since the last reset
 };
 
-// name: "unipc" | "dpm++" (also "dpmpp") | "euler"; anything else -> vdit::InputError.
+// name: "unipc" | "dpm++" (also "dpmpp") | "euler" | "euler-a"; anything else -> vdit::InputError.
 std::unique_ptr<FlowSampler> make_sampler(const std::string& name, int num_train_timesteps = 1000);
 std::unique_ptr<FlowSampler> make_sampler(const SamplerConfig& config);
 

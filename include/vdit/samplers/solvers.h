@@ -48,4 +48,22 @@ class EulerSampler final : public FlowSampler {
   at::Tensor step(const at::Tensor& model_output, int step_index, const at::Tensor& sample) override;
 };
 
+// Stochastic flow sampler ("euler-a"): DDIM with eta on the flow path x = (1 - s) x0 + s noise.
+// From the velocity v at sigma: x0^ = x - sigma v, noise^ = x + (1 - sigma) v; the next sample is
+// (1 - s') x0^ + sqrt(s'^2 - r^2) noise^ + r z with z ~ N(0, 1) fresh and
+// r^2 = eta^2 s'^2 (1 - ((1 - sigma) s' / ((1 - s') sigma))^2), the posterior variance of the path
+// scaled by eta^2. eta 0 is exactly the Euler step; eta 1 draws from the DDPM-style posterior given
+// x0^. z is drawn on the CPU from a generator seeded with noise_seed (then moved to the sample's
+// device), so a run is reproducible and the same on every device. Stateless apart from the
+// generator, which set_schedule()/set_sigmas()/reset() reseed.
+class EulerAncestralSampler final : public FlowSampler {
+ public:
+  explicit EulerAncestralSampler(SamplerConfig config);
+  at::Tensor step(const at::Tensor& model_output, int step_index, const at::Tensor& sample) override;
+  void reset() override;
+
+ private:
+  at::Generator generator_;
+};
+
 }  // namespace vdit
