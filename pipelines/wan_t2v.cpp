@@ -68,6 +68,8 @@ void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
   if (s.sampler != "unipc" && s.sampler != "dpm++" && s.sampler != "euler" && s.sampler != "euler-a")
     throw InputError("unknown sampler '" + s.sampler + "' (expected unipc, dpm++, euler or euler-a)");
   if (!(s.eta >= 0.0 && s.eta <= 1.0)) throw InputError("--eta must be in [0, 1] (got " + std::to_string(s.eta) + ")");
+  if (!(s.strength > 0.0 && s.strength <= 1.0))
+    throw InputError("--strength must be in (0, 1] (got " + std::to_string(s.strength) + ")");
   if (s.noise.defined()) {
     auto expected = t2v_latent_shape(s, g);
     if (s.noise.sizes().vec() != expected) {
@@ -151,6 +153,13 @@ std::unique_ptr<FlowSampler> WanT2VPipeline::make_sampler_for(const T2VSettings&
     sampler->set_sigmas(settings.sigmas);
   } else {
     sampler->set_schedule(settings.steps, settings.shift ? *settings.shift : config.shift);
+  }
+  if (settings.strength < 1.0) {
+    const int begin = img2img_begin_index(sampler->num_steps(), settings.strength);
+    if (begin >= sampler->num_steps())
+      throw InputError("--strength " + std::to_string(settings.strength) + " keeps no step of " +
+                       std::to_string(sampler->num_steps()));
+    sampler->set_begin_index(begin);
   }
   return sampler;
 }
@@ -271,6 +280,8 @@ at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
 T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
   const LatentGeometry& geometry = latent_geometry();
   validate_t2v_settings(settings, geometry);
+  if (settings.strength < 1.0)
+    throw InputError("strength below 1 needs an input clip: noise its latent with add_noise and call denoise()");
   times_ = StageTimes{};
   const std::string negative = settings.negative_prompt.value_or(kWanDefaultNegativePrompt);
   std::vector<std::string> prompts{settings.prompt};

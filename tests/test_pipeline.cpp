@@ -150,6 +150,41 @@ TEST_CASE("euler-a in the pipeline: the run's seed fixes its noise; eta 0 is Eul
   CHECK_THROWS_WITH(validate_t2v_settings(settings), Catch::Contains("--eta"));
 }
 
+TEST_CASE("strength below 1 runs the tail of the schedule from the given latent", "[pipeline]") {
+  auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
+  WanModelFiles files;
+  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
+  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
+  files.vae = fixture("wan-tiny/vae/weights.safetensors");
+  WanT2VPipeline pipeline(files, WanT2VOptions{});
+  T2VSettings settings;
+  settings.width = 48;
+  settings.height = 32;
+  settings.frames = 9;
+  settings.steps = 4;
+  settings.guidance = 5.0;
+  settings.sampler = "euler";
+  settings.strength = 0.5;
+  const auto tail = pipeline.make_sampler_for(settings);
+  REQUIRE(tail->begin_index() == 2);
+  const at::Tensor start = file->tensor("noise");
+  const at::Tensor from_tail =
+      pipeline.denoise(start, file->tensor("context_positive"), file->tensor("context_negative"), settings);
+  // The same two Euler steps as a custom schedule of the tail's sigmas.
+  T2VSettings custom = settings;
+  custom.strength = 1.0;
+  custom.sigmas = {tail->sigmas()[2], tail->sigmas()[3]};
+  const at::Tensor from_custom =
+      pipeline.denoise(start, file->tensor("context_positive"), file->tensor("context_negative"), custom);
+  CHECK(max_abs_diff(from_tail, start) > 1e-2);
+  CHECK(at::allclose(from_tail, from_custom, 1e-4, 1e-4));
+  // generate() has no input clip to noise, so it refuses strength below 1.
+  settings.prompt = "x";
+  CHECK_THROWS_AS(pipeline.generate(settings), InputError);
+  settings.strength = 0.0;
+  CHECK_THROWS_WITH(validate_t2v_settings(settings), Catch::Contains("--strength"));
+}
+
 TEST_CASE("invalid sizes, frame counts and samplers are rejected with suggestions", "[pipeline]") {
   T2VSettings s;
   s.width = 50;

@@ -47,6 +47,7 @@ struct EvalOptions {
   double shift = 0;          // 0: the model's scheduler config
   std::string sampler = "unipc";
   double eta = 1.0;          // euler-a only
+  double strength = 1.0;     // below 1: denoise the rendered clip from that share of the schedule
   std::string negative_prompt;  // the demo model is trained with "" as its unconditional caption
   std::string size = "64x64";
   std::int64_t frames = 9;
@@ -121,6 +122,8 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   if (o.round_trip && o.render_only) throw InputError("--round-trip and --render-only exclude each other");
   if (!(o.latent_noise >= 0)) throw InputError("--latent-noise must be >= 0");
   if (o.latent_noise > 0 && !o.round_trip) throw InputError("--latent-noise needs --round-trip");
+  if (o.strength != 1.0 && (o.round_trip || o.render_only))
+    throw InputError("--strength judges generated clips; it excludes --round-trip and --render-only");
 
   std::string model_dir;
   if (!o.render_only) {
@@ -141,6 +144,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   settings.steps = o.steps;
   settings.sampler = o.sampler;
   settings.eta = o.eta;
+  settings.strength = o.strength;
   if (o.shift != 0) settings.shift = o.shift;
   settings.guidance = o.guidance;
 
@@ -181,7 +185,9 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     null_context = encoded.back();
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " clips, " + std::to_string(width) + "x" +
              std::to_string(height) + ", " + std::to_string(o.frames) + " frames, " + std::to_string(o.steps) + " steps " +
-             o.sampler + ", guidance " + std::to_string(o.guidance).substr(0, 4) + ", model " + model_dir);
+             o.sampler + ", guidance " + std::to_string(o.guidance).substr(0, 4) +
+             (o.strength < 1.0 ? ", strength " + number_text(o.strength) + " from rendered clips" : std::string()) +
+             ", model " + model_dir);
   } else {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips, " + std::to_string(width) + "x" +
              std::to_string(height) + ", " + std::to_string(o.frames) + " frames");
@@ -222,8 +228,16 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     } else {
       // DiT and VAE stay loaded together for the whole run: the demo model is small, and a
       // verdict per clip as it is made beats holding every latent until the DiT is released.
-      const at::Tensor noise = seeded_noise(t2v_latent_shape(settings, pipeline->latent_geometry()), clip_seed);
-      const at::Tensor latent = pipeline->denoise(noise, contexts.at(truth.text()), guided ? null_context : contexts.at(truth.text()), settings);
+      at::Tensor start = seeded_noise(t2v_latent_shape(settings, pipeline->latent_geometry()), clip_seed);
+      if (o.strength < 1.0) {
+        // SDEdit from the rendered ground truth: where along the schedule the DiT loses (or keeps)
+        // what the clip already shows.
+        const ClipLayout layout = random_layout(truth, width, height, layout_rng);
+        const at::Tensor clean = pipeline->encode(render_clip(truth, layout, o.frames, width, height));
+        const auto sampler = pipeline->make_sampler_for(settings);
+        start = add_noise(clean, start, sampler->sigmas()[static_cast<std::size_t>(sampler->begin_index())]);
+      }
+      const at::Tensor latent = pipeline->denoise(start, contexts.at(truth.text()), guided ? null_context : contexts.at(truth.text()), settings);
       video = pipeline->decode(latent);
     }
     const Judgement j = judge_clip(video);
@@ -251,6 +265,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         metadata["latent noise"] = number_text(o.latent_noise);
       } else {
         metadata["steps"] = std::to_string(o.steps);
+        if (o.strength < 1.0) metadata["strength"] = number_text(o.strength);
         metadata["sampler"] = o.sampler;
         if (o.sampler == "euler-a") metadata["eta"] = number_text(o.eta);
         metadata["guidance"] = number_text(o.guidance);
@@ -285,6 +300,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     } else if (!o.render_only) {
       j["model"] = model_dir;
       j["steps"] = o.steps;
+      if (o.strength < 1.0) j["strength"] = o.strength;
       j["guidance"] = o.guidance;
       j["sampler"] = o.sampler;
       if (o.sampler == "euler-a") j["eta"] = o.eta;
@@ -313,6 +329,10 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (default: the model's vdit-demo.json, else 4)");
   cmd->add_option("--shift", o->shift, "Flow shift (default: the model's vdit-demo.json or scheduler config)");
   cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler | euler-a (stochastic)")->capture_default_str();
+  cmd->add_option("--strength", o->strength,
+                  "Below 1: start each clip from its rendered ground truth noised to that share of the schedule "
+                  "(SDEdit), to see at which noise level the model keeps or loses shape, colour and motion")
+      ->capture_default_str();
   cmd->add_option("--eta", o->eta, "euler-a: share of the posterior noise re-drawn each step, 0 (= euler) to 1")->capture_default_str();
   cmd->add_option("-n,--negative-prompt", o->negative_prompt, "Negative prompt (default: the model's vdit-demo.json, else empty)");
   cmd->add_option("--size", o->size, "WIDTHxHEIGHT (generated: multiples of 16; at least 32x32)")->capture_default_str();

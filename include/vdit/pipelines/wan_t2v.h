@@ -30,6 +30,9 @@ struct T2VSettings {
   int steps = 50;
   std::string sampler = "unipc";  // unipc | dpm++ | euler | euler-a
   double eta = 1.0;               // euler-a: share of the posterior noise re-drawn per step, [0, 1]
+  // img2img / SDEdit: below 1 the run starts at img2img_begin_index(steps, strength), and denoise()
+  // takes the clean latent noised to that step's sigma (add_noise) instead of pure noise.
+  double strength = 1.0;
   std::optional<double> shift;    // default: the model's scheduler config, else 5.0
   double guidance = 5.0;
   std::uint64_t seed = 0;
