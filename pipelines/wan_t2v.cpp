@@ -65,8 +65,7 @@ void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
   if (s.steps < 1 && s.sigmas.empty()) throw InputError("--steps must be at least 1");
   if (s.shift && !(*s.shift > 0)) throw InputError("--shift must be positive");
   if (!std::isfinite(s.guidance)) throw InputError("--guidance must be a finite number");
-  if (s.sampler != "unipc" && s.sampler != "dpm++" && s.sampler != "euler" && s.sampler != "euler-a")
-    throw InputError("unknown sampler '" + s.sampler + "' (expected unipc, dpm++, euler or euler-a)");
+  check_sampler_name(s.sampler);
   if (!(s.eta >= 0.0 && s.eta <= 1.0)) throw InputError("--eta must be in [0, 1] (got " + std::to_string(s.eta) + ")");
   if (!(s.strength > 0.0 && s.strength <= 1.0))
     throw InputError("--strength must be in (0, 1] (got " + std::to_string(s.strength) + ")");
@@ -116,9 +115,10 @@ WanT2VPipeline::WanT2VPipeline(WanModelFiles files, WanT2VOptions options)
 }
 
 namespace {
-std::string eta_text(double eta) {
+// A setting as metadata text, in the shortest form a stream gives (5, 3.5, 0.5).
+std::string number_text(double value) {
   std::ostringstream out;
-  out << eta;
+  out << value;
   return out.str();
 }
 }  // namespace
@@ -297,10 +297,7 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
   result.times = times_;
 
   auto sampler = make_sampler_for(settings);
-  std::ostringstream shift;
-  shift << (settings.shift ? *settings.shift : (scheduler_config_ ? scheduler_config_->shift : 5.0));
-  std::ostringstream guidance;
-  guidance << settings.guidance;
+  const double shift = settings.shift ? *settings.shift : (scheduler_config_ ? scheduler_config_->shift : 5.0);
   result.metadata = {
       {"prompt", settings.prompt},
       {"negative_prompt", negative},
@@ -308,9 +305,9 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       {"size", std::to_string(settings.width) + "x" + std::to_string(settings.height)},
       {"frames", std::to_string(settings.frames)},
       {"steps", std::to_string(sampler->num_steps())},
-      {"sampler", settings.sampler == "euler-a" ? settings.sampler + " (eta " + eta_text(settings.eta) + ")" : settings.sampler},
-      {"shift", shift.str()},
-      {"guidance", guidance.str()},
+      {"sampler", settings.sampler == "euler-a" ? settings.sampler + " (eta " + number_text(settings.eta) + ")" : settings.sampler},
+      {"shift", number_text(shift)},
+      {"guidance", number_text(settings.guidance)},
       {"model", files_.root.empty() ? files_.dit.front() : files_.root},
       {"software", "vdit"},
   };

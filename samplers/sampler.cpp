@@ -180,14 +180,19 @@ void FlowSampler::begin_step(int step_index, const at::Tensor& model_output, con
 // ---------------------------------------------------------------------------------------------
 // Factory and scheduler_config.json
 
+void check_sampler_name(const std::string& name) {
+  if (name != "unipc" && name != "dpm++" && name != "euler" && name != "euler-a")
+    throw InputError("unknown sampler '" + name + "' (expected unipc, dpm++, euler or euler-a)");
+}
+
 std::unique_ptr<FlowSampler> make_sampler(const SamplerConfig& config) {
   if (config.num_train_timesteps < 2)
     throw InputError("num_train_timesteps must be at least 2 (got " + std::to_string(config.num_train_timesteps) + ")");
+  check_sampler_name(config.name);
   if (config.name == "unipc") return std::make_unique<UniPCSampler>(config);
   if (config.name == "dpm++") return std::make_unique<DPMppSampler>(config);
   if (config.name == "euler") return std::make_unique<EulerSampler>(config);
-  if (config.name == "euler-a") return std::make_unique<EulerAncestralSampler>(config);
-  throw InputError("unknown sampler '" + config.name + "' (expected unipc, dpm++, euler or euler-a)");
+  return std::make_unique<EulerAncestralSampler>(config);  // "euler-a", the one name left
 }
 
 std::unique_ptr<FlowSampler> make_sampler(const std::string& name, int num_train_timesteps) {

@@ -31,6 +31,27 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b) { return (a.to(at:
 
 using vdit_test::run_vdit;
 
+// The tiny reference model's DiT and VAE (no text encoder: the tests pass the fixture's contexts).
+WanModelFiles tiny_model_files() {
+  WanModelFiles files;
+  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
+  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
+  files.vae = fixture("wan-tiny/vae/weights.safetensors");
+  return files;
+}
+
+// A short guided run at the tiny model's size (48x32, 9 frames).
+T2VSettings tiny_settings(const std::string& sampler, int steps) {
+  T2VSettings settings;
+  settings.width = 48;
+  settings.height = 32;
+  settings.frames = 9;
+  settings.steps = steps;
+  settings.sampler = sampler;
+  settings.guidance = 5.0;
+  return settings;
+}
+
 }  // namespace
 
 TEST_CASE("seeded noise equals torch.randn with a seeded CPU generator", "[pipeline]") {
@@ -42,19 +63,10 @@ TEST_CASE("seeded noise equals torch.randn with a seeded CPU generator", "[pipel
 TEST_CASE("end-to-end generate reproduces the reference WanT2V.generate", "[pipeline][e2e]") {
   // Tolerances from e2e/manifest.json: x0 and video atol = rtol = 1e-3.
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
-  WanModelFiles files;
-  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
-  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
-  files.vae = fixture("wan-tiny/vae/weights.safetensors");
-  WanT2VPipeline pipeline(files, WanT2VOptions{});
+  WanT2VPipeline pipeline(tiny_model_files(), WanT2VOptions{});
 
-  T2VSettings settings;
-  settings.width = 48;
-  settings.height = 32;
-  settings.frames = 9;
-  settings.steps = 4;
+  T2VSettings settings = tiny_settings("unipc", 4);
   settings.shift = 5.0;
-  settings.guidance = 5.0;
   for (const auto& [solver, name] : std::vector<std::pair<std::string, std::string>>{{"unipc", "unipc"}, {"dpm++", "dpmpp"}}) {
     for (bool batched : {true, false}) {
       INFO("solver " << solver << (batched ? " batched cond/uncond" : " separate passes"));
@@ -87,22 +99,13 @@ TEST_CASE("a sample-predicting model's guided output becomes the velocity before
   vdit_test::write_text(dir / "velocity.json", R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0})");
   vdit_test::write_text(dir / "sample.json",
                         R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0, "prediction_type": "sample"})");
-  WanModelFiles files;
-  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
-  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
-  files.vae = fixture("wan-tiny/vae/weights.safetensors");
+  WanModelFiles files = tiny_model_files();
   files.scheduler_config = (dir / "velocity.json").string();
   WanT2VPipeline velocity_model(files, WanT2VOptions{});
   files.scheduler_config = (dir / "sample.json").string();
   WanT2VPipeline sample_model(files, WanT2VOptions{});
 
-  T2VSettings settings;
-  settings.width = 48;
-  settings.height = 32;
-  settings.frames = 9;
-  settings.steps = 1;
-  settings.sampler = "euler";
-  settings.guidance = 5.0;
+  T2VSettings settings = tiny_settings("euler", 1);
   REQUIRE(sample_model.make_sampler_for(settings)->sigmas() == std::vector<float>{1.0f, 0.0f});
   const at::Tensor noise = file->tensor("noise");
   const at::Tensor x_velocity = velocity_model.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings);
@@ -118,18 +121,8 @@ TEST_CASE("a sample-predicting model's guided output becomes the velocity before
 
 TEST_CASE("euler-a in the pipeline: the run's seed fixes its noise; eta 0 is Euler", "[pipeline]") {
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
-  WanModelFiles files;
-  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
-  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
-  files.vae = fixture("wan-tiny/vae/weights.safetensors");
-  WanT2VPipeline pipeline(files, WanT2VOptions{});
-  T2VSettings settings;
-  settings.width = 48;
-  settings.height = 32;
-  settings.frames = 9;
-  settings.steps = 4;
-  settings.guidance = 5.0;
-  settings.sampler = "euler-a";
+  WanT2VPipeline pipeline(tiny_model_files(), WanT2VOptions{});
+  T2VSettings settings = tiny_settings("euler-a", 4);
   settings.seed = 7;
   const at::Tensor noise = file->tensor("noise");
   const auto run = [&] {
@@ -152,18 +145,8 @@ TEST_CASE("euler-a in the pipeline: the run's seed fixes its noise; eta 0 is Eul
 
 TEST_CASE("strength below 1 runs the tail of the schedule from the given latent", "[pipeline]") {
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
-  WanModelFiles files;
-  files.dit = {fixture("wan-tiny/dit/weights.safetensors")};
-  files.dit_config = fixture("wan-tiny/e2e/dit_config.json");
-  files.vae = fixture("wan-tiny/vae/weights.safetensors");
-  WanT2VPipeline pipeline(files, WanT2VOptions{});
-  T2VSettings settings;
-  settings.width = 48;
-  settings.height = 32;
-  settings.frames = 9;
-  settings.steps = 4;
-  settings.guidance = 5.0;
-  settings.sampler = "euler";
+  WanT2VPipeline pipeline(tiny_model_files(), WanT2VOptions{});
+  T2VSettings settings = tiny_settings("euler", 4);
   settings.strength = 0.5;
   const auto tail = pipeline.make_sampler_for(settings);
   REQUIRE(tail->begin_index() == 2);

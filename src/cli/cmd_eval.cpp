@@ -169,6 +169,12 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     pipeline.emplace(files, options);
     validate_t2v_settings(settings, pipeline->latent_geometry());
   }
+  // --strength: the sigma every clip's rendered latent is noised to, where its schedule starts.
+  double start_sigma = 1.0;
+  if (o.strength < 1.0) {  // never with --render-only or --round-trip, so the pipeline exists
+    const auto sampler = pipeline->make_sampler_for(settings);
+    start_sigma = sampler->sigmas()[static_cast<std::size_t>(sampler->begin_index())];
+  }
   if (o.round_trip) {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips through the VAE of " + model_dir + ", " +
              std::to_string(width) + "x" + std::to_string(height) + ", " + std::to_string(o.frames) +
@@ -234,8 +240,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         // what the clip already shows.
         const ClipLayout layout = random_layout(truth, width, height, layout_rng);
         const at::Tensor clean = pipeline->encode(render_clip(truth, layout, o.frames, width, height));
-        const auto sampler = pipeline->make_sampler_for(settings);
-        start = add_noise(clean, start, sampler->sigmas()[static_cast<std::size_t>(sampler->begin_index())]);
+        start = add_noise(clean, start, start_sigma);
       }
       const at::Tensor latent = pipeline->denoise(start, contexts.at(truth.text()), guided ? null_context : contexts.at(truth.text()), settings);
       video = pipeline->decode(latent);

@@ -105,6 +105,8 @@ class FlowSampler {
   int last_step_index_ = -1;  // -1: no step taken since the last reset
 };
 
+// Throws vdit::InputError naming the choices unless `name` is unipc, dpm++, euler or euler-a.
+void check_sampler_name(const std::string& name);
 // name: "unipc" | "dpm++" (also "dpmpp") | "euler" | "euler-a"; anything else -> vdit::InputError.
 std::unique_ptr<FlowSampler> make_sampler(const std::string& name, int num_train_timesteps = 1000);
 std::unique_ptr<FlowSampler> make_sampler(const SamplerConfig& config);
