@@ -1,14 +1,14 @@
 # The two entry points a new user needs:
 #   make run   - install what is missing, build, and generate a demo video with the built-in model
 #   make test  - install what is missing, build, and run the test suite
-# Other targets: build, bench, eval-demo, train-demo, test-asan, clean.
+# Other targets: build, bench, eval-demo, train-demo, train-demo-4s2t, test-asan, clean.
 
 BUILD_DIR ?= build
 ASAN_DIR ?= build-asan
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: run test deps build bench eval-demo train-demo test-asan clean
+.PHONY: run test deps build bench eval-demo train-demo train-demo-4s2t test-asan clean
 
 DEMO_PROMPT ?= a red circle moving right
 
@@ -45,6 +45,14 @@ train-demo: build
 	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue2.json --stage dit --dit-from models/shapes
 	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-decoder-edge.json --stage vae-decoder --decoder-from models/shapes
 	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue3.json --stage dit --dit-from models/shapes
+
+# The candidate recipe (not yet the shipped model; README, demo model): the 4x-spatial,
+# 2x-temporal VAE and its DiT in one run, then the decoder fine-tuned on that DiT's own samples.
+# Writes DEMO_4S2T_OUT; judge it with `vdit eval shapes --model DIR --clips 100 --seed 1000`.
+DEMO_4S2T_OUT ?= build/shapes-4s2t
+train-demo-4s2t: build
+	./$(BUILD_DIR)/vdit train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t.json
+	./$(BUILD_DIR)/vdit train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 1800

@@ -761,3 +761,86 @@ TEST_CASE("train-demo: the latent object mask covers exactly the latent cells of
   }
   CHECK_THROWS_AS(latent_object_mask(at::zeros({1, 4, 5, 8, 8}), 4, 4), vdit::InputError);
 }
+
+TEST_CASE("train-demo: layout_from_pixels recovers the layout of rendered clips", "[train]") {
+  std::mt19937_64 rng(21);
+  int checked = 0;
+  for (const shapes::Caption& caption : shapes::Caption::all()) {
+    const shapes::ClipLayout truth = shapes::random_layout(caption, 64, 64, rng);
+    const at::Tensor clip = shapes::render_clip(caption, truth, 9, 64, 64);
+    const std::optional<shapes::ClipLayout> fitted = layout_from_pixels(clip, caption);
+    REQUIRE(fitted.has_value());
+    INFO(caption.text());
+    // Coverage-weighted profiles: sub-pixel placement; the line fit averages nine frames.
+    CHECK(std::abs(fitted->x0 - truth.x0) < 0.75);
+    CHECK(std::abs(fitted->y0 - truth.y0) < 0.75);
+    CHECK(std::abs(fitted->dx - truth.dx) < 0.75);
+    CHECK(std::abs(fitted->dy - truth.dy) < 0.75);
+    CHECK(std::abs(fitted->size - truth.size) < 0.5);
+    if (caption.motion == shapes::Motion::Still) CHECK((fitted->dx == 0 && fitted->dy == 0));
+    ++checked;
+  }
+  CHECK(checked == 90);
+  // An empty frame: no layout. A clip of the wrong rank: an input error.
+  const shapes::Caption red_square = shapes::Caption::parse("a red square moving up");
+  at::Tensor clip = shapes::render_clip(red_square, shapes::random_layout(red_square, 64, 64, rng), 9, 64, 64);
+  clip.select(1, 4).copy_(shapes::render_clip(red_square, shapes::ClipLayout{9, -50, -50, 0, 0}, 1, 64, 64).select(1, 0));
+  CHECK_FALSE(layout_from_pixels(clip, red_square).has_value());
+  CHECK_THROWS_AS(layout_from_pixels(clip.unsqueeze(0), red_square), InputError);
+}
+
+TEST_CASE("train-demo: generated decoder pairs add their loss to the decoder phase's", "[train]") {
+  DemoTrainConfig c = micro_config();
+  c.decoder_generated_batch = 2;
+  std::mt19937_64 rng(4);
+  const shapes::ClipBatch batch = shapes::random_batch(3, c.frames, c.width, c.height, rng);
+  VAETrainer plain(c, 3), with_pairs(c, 3);
+  GeneratedDecoderPairs pairs;
+  {
+    torch::NoGradGuard no_grad;
+    pairs.latents = plain.vae()->encode_moments(batch.video).first;
+  }
+  pairs.targets = batch.video.flip(4).contiguous();  // anything the decoder does not already draw
+  CHECK_THROWS_AS(with_pairs.set_generated_pairs(GeneratedDecoderPairs{pairs.latents, pairs.targets.narrow(0, 0, 2)}),
+                  InputError);
+  with_pairs.set_generated_pairs(pairs);
+  DemoTrainConfig zero = c;
+  zero.decoder_generated_weight = 0;
+  VAETrainer zero_trainer(zero, 3);
+  zero_trainer.set_generated_pairs(pairs);
+  for (VAETrainer* t : {&plain, &with_pairs, &zero_trainer}) t->start_decoder_phase();
+  // Same seed, same rendered batch: the pairs' term is >= 0 and vanishes at weight 0.
+  const double base = plain.step().loss, added = with_pairs.step().loss, zero_added = zero_trainer.step().loss;
+  CHECK(added > base);
+  CHECK(zero_added == Approx(base).epsilon(1e-6));
+  // The first phase ignores them.
+  VAETrainer first_a(c, 8), first_b(c, 8);
+  first_b.set_generated_pairs(pairs);
+  CHECK(first_a.step().loss == first_b.step().loss);
+}
+
+TEST_CASE("train-demo: decoder_generated_* settings are read, written and checked", "[train]") {
+  DemoTrainConfig c = DemoTrainConfig::from_json(
+      {{"decoder_generated_clips", 12}, {"decoder_generated_batch", 3}, {"decoder_generated_weight", 0.5}});
+  CHECK(c.decoder_generated_clips == 12);
+  CHECK(c.decoder_generated_batch == 3);
+  CHECK(c.decoder_generated_weight == 0.5);
+  const DemoTrainConfig again = DemoTrainConfig::from_json(c.to_json());
+  CHECK(again.decoder_generated_clips == 12);
+  CHECK(again.decoder_generated_batch == 3);
+  CHECK(again.decoder_generated_weight == 0.5);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"decoder_generated_clips", -1}}), InputError);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"decoder_generated_weight", -0.5}}), InputError);
+  // Generated pairs need a finished model to generate with.
+  const fs::path dir = temp_dir("generated_pairs");
+  DemoTrainConfig m = micro_config();
+  m.vae_steps = 1;
+  m.vae_decoder_steps = 1;
+  m.decoder_generated_clips = 2;
+  DemoTrainOptions o;
+  o.out_dir = dir.string();
+  o.stage = "vae";
+  o.quiet_progress = true;
+  CHECK_THROWS_AS(train_demo(m, o), InputError);
+  fs::remove_all(dir);
+}

@@ -16,7 +16,7 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
     std::string train_config;
     double vae_minutes = -1, dit_minutes = -1, vae_decoder_minutes = -1;
     std::int64_t vae_steps = -1, dit_steps = -1, vae_decoder_steps = -1, batch = -1, vae_batch = -1, pool_size = -1;
-    std::int64_t seed = -1;
+    std::int64_t seed = -1, decoder_generated_clips = -1;
     std::string bf16;
   };
   auto args = std::make_shared<Args>();
@@ -43,6 +43,9 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--dit-from", args->options.dit_from,
                   "With --stage dit: start the DiT from this finished model's transformer (DIR/transformer) instead "
                   "of a random initialisation (a fresh optimizer; --resume takes precedence)");
+  cmd->add_option("--decoder-generated-clips", args->decoder_generated_clips,
+                  "With --stage vae-decoder --decoder-from DIR: clips DIR's DiT generates whose latents the decoder "
+                  "also learns to draw as their captions ask (config decoder_generated_clips; 0: off)");
   cmd->add_flag("--resume", args->options.resume, "Continue from OUT/train-state");
   cmd->callback([args, &global] {
     // The global --device: where the DiT stage trains (the other stages run on the CPU).
@@ -59,6 +62,7 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
     if (args->batch > 0) config.dit_batch = args->batch;
     if (args->vae_batch > 0) config.vae_batch = args->vae_batch;
     if (args->pool_size > 0) config.pool_size = args->pool_size;
+    if (args->decoder_generated_clips >= 0) config.decoder_generated_clips = args->decoder_generated_clips;
     if (args->seed >= 0) config.seed = static_cast<std::uint64_t>(args->seed);
     if (!args->bf16.empty()) {
       using Mode = demo::DemoTrainConfig::Bf16Autocast;

@@ -48,11 +48,6 @@ float uniform(std::mt19937_64& rng, float lo, float hi) {
   return std::uniform_real_distribution<float>(lo, hi)(rng);
 }
 
-// The object size the layout aims at: width/7, but never so large that vertical motion of 45 %
-// plus the object could leave a short frame.
-float nominal_size(std::int64_t width, std::int64_t height) {
-  return std::min(static_cast<float>(width) / 7.0f, 0.3f * static_cast<float>(std::min(width, height)) / 1.1f);
-}
 
 // Whether the point (px, py) lies inside the shape of size `s` centred at (cx, cy). All three
 // shapes fill the same s x s box, so "centre" means the box centre for each.
@@ -331,11 +326,16 @@ Caption random_caption(std::mt19937_64& rng) {
   return c;
 }
 
+// Never so large that vertical motion of 45 % plus the object could leave a short frame.
+float nominal_object_size(std::int64_t width, std::int64_t height) {
+  return std::min(static_cast<float>(width) / 7.0f, 0.3f * static_cast<float>(std::min(width, height)) / 1.1f);
+}
+
 ClipLayout random_layout(const Caption& caption, std::int64_t width, std::int64_t height, std::mt19937_64& rng) {
   check_geometry(1, width, height, "random_layout");
   const float w = static_cast<float>(width), h = static_cast<float>(height);
   ClipLayout l;
-  l.size = nominal_size(width, height) * uniform(rng, 0.9f, 1.1f);
+  l.size = nominal_object_size(width, height) * uniform(rng, 0.9f, 1.1f);
   switch (caption.motion) {
     case Motion::Left: l.dx = -uniform(rng, 0.25f, 0.45f) * w; break;
     case Motion::Right: l.dx = uniform(rng, 0.25f, 0.45f) * w; break;
@@ -426,7 +426,7 @@ Judgement judge_clip(const at::Tensor& video) {
     return FrameView{data + f * plane, data + channel + f * plane, data + 2 * channel + f * plane};
   };
 
-  const float nominal = nominal_size(width, height);
+  const float nominal = nominal_object_size(width, height);
   const double min_area = std::max(4.0, kMinObjectShare * 0.5 * nominal * nominal);
   const float threshold2 = kForegroundDistance * kForegroundDistance;
 

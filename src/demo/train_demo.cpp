@@ -8,6 +8,8 @@
 #include "vdit/io/safetensors.h"
 #include "vdit/models/tokenizer.h"
 #include "vdit/progress.h"
+#include "vdit/pipelines/wan_t2v.h"
+#include "vdit/models/wan_checkpoint.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
@@ -25,7 +27,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
 #include <functional>
+#include <map>
+#include <optional>
 #include <iomanip>
 #include <sstream>
 #include <tuple>
@@ -350,6 +355,9 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("vae_object_mse_weight", c.vae_object_mse_weight);
   get("vae_colour_weight", c.vae_colour_weight);
   get("vae_gradient_weight", c.vae_gradient_weight);
+  get("decoder_generated_clips", c.decoder_generated_clips);
+  get("decoder_generated_batch", c.decoder_generated_batch);
+  get("decoder_generated_weight", c.decoder_generated_weight);
   get("vae_validate_every", c.vae_validate_every);
   get("vae_validate_clips", c.vae_validate_clips);
   get("dit_batch", c.dit_batch);
@@ -400,6 +408,8 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
   if (c.pool_size < 1) throw InputError("demo training config: pool_size must be >= 1");
   if (c.vae_gradient_weight < 0) throw InputError("demo training config: vae_gradient_weight must be >= 0");
+  if (c.decoder_generated_clips < 0 || c.decoder_generated_batch < 0 || !(c.decoder_generated_weight >= 0))
+    throw InputError("demo training config: decoder_generated_clips, decoder_generated_batch and decoder_generated_weight must be >= 0");
   if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
   if (!(c.dit_lr_final > 0 && c.dit_lr_final <= 1)) throw InputError("demo training config: dit_lr_final must be in (0, 1]");
   if (c.dit_prediction != "flow_prediction" && c.dit_prediction != "sample")
@@ -451,6 +461,9 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["vae_object_mse_weight"] = vae_object_mse_weight;
   j["vae_colour_weight"] = vae_colour_weight;
   j["vae_gradient_weight"] = vae_gradient_weight;
+  j["decoder_generated_clips"] = decoder_generated_clips;
+  j["decoder_generated_batch"] = decoder_generated_batch;
+  j["decoder_generated_weight"] = decoder_generated_weight;
   j["vae_validate_every"] = vae_validate_every;
   j["vae_validate_clips"] = vae_validate_clips;
   j["dit_batch"] = dit_batch;
@@ -702,7 +715,40 @@ VAEStepResult VAETrainer::step(double lr_scale) {
     z = z + config_.vae_latent_noise * spread * at::randn(mu.sizes(), noise_gen_, mu.options());
   }
   const at::Tensor recon = vae_->decode_unclamped(z);
-  const at::Tensor recon_loss = vae_reconstruction_loss(recon, video, config_);
+  at::Tensor recon_loss = vae_reconstruction_loss(recon, video, config_);
+  if (decoder_phase_ && generated_latents_.defined() && config_.decoder_generated_batch > 0) {
+    // The DiT's own latents, decoded towards the clips their captions ask for.
+    std::uniform_int_distribution<std::int64_t> pick(0, generated_latents_.size(0) - 1);
+    std::vector<std::int64_t> chosen;
+    for (std::int64_t k = 0; k < config_.decoder_generated_batch; ++k) chosen.push_back(pick(data_rng_));
+    // The same vae_crop window as the rendered clips (around the object in the middle frame, at a
+    // random offset), cut on the latent grid: the decoder is convolutional, and whole 64x64 clips
+    // made a step four times slower.
+    const std::int64_t stride = vae_->config().spatial_stride();
+    const std::int64_t lh = generated_latents_.size(3), lw = generated_latents_.size(4);
+    const std::int64_t crop = config_.vae_crop / stride;
+    std::vector<at::Tensor> latents, targets;
+    for (const std::int64_t i : chosen) {
+      at::Tensor latent = generated_latents_[i], target = generated_targets_[i];
+      if (crop > 0 && (crop < lh || crop < lw)) {
+        const at::Tensor middle = object_mask(target.unsqueeze(0).narrow(2, target.size(1) / 2, 1))[0][0][0];  // [H, W]
+        const at::Tensor ys = middle.any(1).nonzero(), xs = middle.any(0).nonzero();
+        const double cy = ys.numel() ? 0.5 * (ys.min().item<std::int64_t>() + ys.max().item<std::int64_t>() + 1) : 0.5 * target.size(2);
+        const double cx = xs.numel() ? 0.5 * (xs.min().item<std::int64_t>() + xs.max().item<std::int64_t>() + 1) : 0.5 * target.size(3);
+        std::uniform_int_distribution<std::int64_t> jitter(-crop / 4, crop / 4);
+        const std::int64_t y0 = std::clamp<std::int64_t>(std::lround(cy / stride) - crop / 2 + jitter(data_rng_), 0, std::max<std::int64_t>(0, lh - crop));
+        const std::int64_t x0 = std::clamp<std::int64_t>(std::lround(cx / stride) - crop / 2 + jitter(data_rng_), 0, std::max<std::int64_t>(0, lw - crop));
+        const std::int64_t ch = std::min(crop, lh), cw = std::min(crop, lw);
+        latent = latent.narrow(2, y0, ch).narrow(3, x0, cw);
+        target = target.narrow(2, y0 * stride, ch * stride).narrow(3, x0 * stride, cw * stride);
+      }
+      latents.push_back(latent);
+      targets.push_back(target);
+    }
+    const at::Tensor generated = vae_->decode_unclamped(at::stack(latents).contiguous());
+    recon_loss = recon_loss + config_.decoder_generated_weight *
+                                  vae_reconstruction_loss(generated, at::stack(targets).contiguous(), config_);
+  }
   const at::Tensor kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean();
   // The KL term has no gradient in the decoder phase (the encoder is frozen); it is still reported.
   const at::Tensor loss = decoder_phase_ ? recon_loss : recon_loss + config_.vae_kl_weight * kl;
@@ -761,6 +807,130 @@ void VAETrainer::load_finished_vae(WanVAE& finished, const std::string& source) 
       found.num_res_blocks != want.num_res_blocks || found.temporal_downsample != want.temporal_downsample)
     throw InputError(source + ": its VAE architecture differs from the training config's vae section");
   copy_parameters(*finished, *vae_);
+}
+
+std::optional<shapes::ClipLayout> layout_from_pixels(const at::Tensor& video, const shapes::Caption& caption) {
+  if (video.dim() != 4 || video.size(0) != 3) throw InputError("layout_from_pixels: a clip must be [3, F, H, W]");
+  const std::int64_t frames = video.size(1), height = video.size(2), width = video.size(3);
+  // The judge's foreground (farther than 0.25 from the background in [0, 1] units, 0.5 in [-1, 1])
+  // finds the object's box; inside it (grown by a pixel) each pixel's coverage is its colour's
+  // share of the way from the background to the caption's colour. Every shape's widest row or
+  // column spans its size, so the column profile (most coverage per column) sums to the size and
+  // the profiles' weighted means give the centre: anti-aliased edges count by their coverage,
+  // where a bounding box of thresholded pixels was measured up to 1.3 px too wide on rendered clips.
+  const at::Tensor clip = video.to(at::kFloat).to(at::kCPU);
+  const at::Tensor background = background_pixels().view({3, 1, 1, 1});
+  const shapes::RGB& rgb = shapes::kPalette[static_cast<int>(caption.colour)];
+  const at::Tensor colour =
+      at::tensor({2 * rgb[0] - 1, 2 * rgb[1] - 1, 2 * rgb[2] - 1}).view({3, 1, 1, 1}) - background;
+  const at::Tensor offset = clip - background;
+  const at::Tensor mask = offset.pow(2).sum(0).gt(0.25);                                       // [F, H, W]
+  const at::Tensor coverage = ((offset * colour).sum(0) / colour.pow(2).sum()).clamp(0.0, 1.0);  // [F, H, W]
+  std::vector<double> cx(frames), cy(frames), side(frames);
+  for (std::int64_t f = 0; f < frames; ++f) {
+    const at::Tensor ys = mask[f].any(1).nonzero(), xs = mask[f].any(0).nonzero();
+    if (ys.numel() == 0) return std::nullopt;
+    const std::int64_t y0 = std::max<std::int64_t>(0, ys.min().item<std::int64_t>() - 1);
+    const std::int64_t y1 = std::min<std::int64_t>(height, ys.max().item<std::int64_t>() + 2);
+    const std::int64_t x0 = std::max<std::int64_t>(0, xs.min().item<std::int64_t>() - 1);
+    const std::int64_t x1 = std::min<std::int64_t>(width, xs.max().item<std::int64_t>() + 2);
+    const at::Tensor box = coverage[f].narrow(0, y0, y1 - y0).narrow(1, x0, x1 - x0);
+    const at::Tensor columns = box.amax(0), rows = box.amax(1);
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    const double column_sum = columns.sum().item<double>(), row_sum = rows.sum().item<double>();
+    if (!(column_sum > 0) || !(row_sum > 0)) return std::nullopt;
+    cx[f] = ((at::arange(x1 - x0, opts) + (x0 + 0.5)) * columns).sum().item<double>() / column_sum;
+    cy[f] = ((at::arange(y1 - y0, opts) + (y0 + 0.5)) * rows).sum().item<double>() / row_sum;
+    // A triangle's base corners are too sharp for any column to be covered fully near them: its
+    // size comes from its area (size^2 / 2) instead.
+    side[f] = caption.shape == shapes::Shape::Triangle ? std::sqrt(2.0 * box.sum().item<double>()) : column_sum;
+  }
+  std::vector<double> sorted = side;
+  std::nth_element(sorted.begin(), sorted.begin() + frames / 2, sorted.end());
+  const double nominal = shapes::nominal_object_size(width, height);
+  shapes::ClipLayout layout;
+  layout.size = static_cast<float>(std::clamp(sorted[frames / 2], 0.85 * nominal, 1.15 * nominal));
+  // Least squares c(t) = c0 + d t over t = f / (F - 1); a still caption keeps its mean place.
+  const bool still = caption.motion == shapes::Motion::Still || frames < 2;
+  auto fit = [&](const std::vector<double>& c, float& start, float& delta) {
+    double mean_t = 0, mean_c = 0;
+    for (std::int64_t f = 0; f < frames; ++f) {
+      mean_t += frames > 1 ? static_cast<double>(f) / (frames - 1) : 0.0;
+      mean_c += c[f];
+    }
+    mean_t /= frames;
+    mean_c /= frames;
+    double cov = 0, var = 0;
+    for (std::int64_t f = 0; f < frames && !still; ++f) {
+      const double t = static_cast<double>(f) / (frames - 1) - mean_t;
+      cov += t * (c[f] - mean_c);
+      var += t * t;
+    }
+    const double d = still || var == 0 ? 0.0 : cov / var;
+    delta = static_cast<float>(d);
+    start = static_cast<float>(mean_c - d * mean_t);
+  };
+  fit(cx, layout.x0, layout.dx);
+  fit(cy, layout.y0, layout.dy);
+  return layout;
+}
+
+GeneratedDecoderPairs generate_decoder_pairs(const std::string& model_dir, const DemoTrainConfig& config,
+                                             std::int64_t clips, std::uint64_t seed,
+                                             const std::function<void(std::int64_t, std::int64_t)>& on_clip) {
+  torch::NoGradGuard no_grad;
+  WanT2VOptions options;  // CPU, f32: what `vdit generate` and `vdit eval shapes` run here
+  WanT2VPipeline pipeline(locate_wan_model(model_dir), options);
+  T2VSettings settings;
+  settings.width = config.width;
+  settings.height = config.height;
+  settings.frames = config.frames;
+  settings.steps = static_cast<int>(config.sample_steps);
+  settings.guidance = config.sample_guidance;
+  settings.shift = config.sample_shift;
+  validate_t2v_settings(settings, pipeline.latent_geometry());
+  // Every caption once, and "" (the unconditional caption the DiT was trained with).
+  std::vector<std::string> prompts;
+  for (const auto& c : shapes::Caption::all()) prompts.push_back(c.text());
+  prompts.push_back("");
+  const std::vector<at::Tensor> encoded = pipeline.encode_prompts(prompts);
+  std::map<std::string, at::Tensor> contexts;
+  for (std::size_t k = 0; k + 1 < prompts.size(); ++k) contexts[prompts[k]] = encoded[k];
+  const at::Tensor null_context = encoded.back();
+  const bool guided = settings.guidance != 1.0;
+
+  std::mt19937_64 caption_rng(seed);
+  std::vector<at::Tensor> latents, targets;
+  GeneratedDecoderPairs pairs;
+  const auto shape = t2v_latent_shape(settings, pipeline.latent_geometry());
+  for (std::int64_t i = 0; i < clips; ++i) {
+    const shapes::Caption caption = shapes::random_caption(caption_rng);
+    const at::Tensor& context = contexts.at(caption.text());
+    const at::Tensor latent = pipeline.denoise(seeded_noise(shape, seed + static_cast<std::uint64_t>(i)), context,
+                                               guided ? null_context : context, settings);
+    const at::Tensor video = pipeline.decode(latent);
+    const shapes::Judgement judged = shapes::judge_clip(video);
+    const std::optional<shapes::ClipLayout> layout =
+        judged.ok && judged.objects == 1 ? layout_from_pixels(video, caption) : std::nullopt;
+    if (layout) {
+      latents.push_back(latent.to(at::kFloat).contiguous());
+      targets.push_back(shapes::render_clip(caption, *layout, config.frames, config.width, config.height));
+    } else {
+      ++pairs.skipped;
+    }
+    if (on_clip) on_clip(i + 1, clips);
+  }
+  if (latents.empty()) throw RuntimeError("decoder pairs: none of the " + std::to_string(clips) + " generated clips showed one object");
+  pairs.latents = at::stack(latents);
+  pairs.targets = at::stack(targets);
+  return pairs;
+}
+
+void VAETrainer::set_generated_pairs(const GeneratedDecoderPairs& pairs) {
+  if (!pairs.latents.defined() || pairs.latents.size(0) != pairs.targets.size(0) || pairs.latents.size(0) == 0)
+    throw InputError("decoder pairs: latents and targets must be non-empty and of the same count");
+  generated_latents_ = pairs.latents;
+  generated_targets_ = pairs.targets;
 }
 
 shapes::JudgeSummary judge_round_trip(WanVAE& vae, const DemoTrainConfig& config, std::int64_t clips, std::uint64_t seed) {
@@ -1274,6 +1444,36 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
     trainer.load_weights(state);
   }
 
+  if (config.decoder_generated_clips > 0) {
+    if (!from_model && !resume_decoder)
+      throw InputError("train-demo: decoder_generated_clips needs --decoder-from MODEL, a finished model with its DiT");
+    // Saved with the train-state, so a resumed decoder phase trains on the same pairs.
+    const std::string pairs_path = (state_dir / "decoder-generated.pt").string();
+    GeneratedDecoderPairs pairs;
+    if (resume_decoder && fs::exists(pairs_path)) {
+      torch::serialize::InputArchive ar;
+      ar.load_from(pairs_path);
+      ar.read("latents", pairs.latents);
+      ar.read("targets", pairs.targets);
+    } else {
+      if (!from_model) throw InputError(pairs_path + " is missing: start the decoder phase again with --decoder-from");
+      const auto t0 = Clock::now();
+      ProgressBar bar("generate decoder pairs", config.decoder_generated_clips);
+      pairs = generate_decoder_pairs(options.decoder_from, config, config.decoder_generated_clips, config.seed * 1000 + 50000,
+                                     [&](std::int64_t done, std::int64_t) {
+                                       if (!options.quiet_progress) bar.update(done);
+                                     });
+      bar.finish();
+      torch::serialize::OutputArchive ar;
+      ar.write("latents", pairs.latents);
+      ar.write("targets", pairs.targets);
+      save_archive(ar, pairs_path);
+      log_info("vae decoder: " + std::to_string(pairs.latents.size(0)) + " generated pairs (" +
+               std::to_string(pairs.skipped) + " clips without exactly one object skipped) in " +
+               format_duration(seconds_since(t0)));
+    }
+    trainer.set_generated_pairs(pairs);
+  }
   if (decoder_phase) {
     trainer.start_decoder_phase();
     train_phase("vae decoder", decoder_state, Budget{config.vae_decoder_steps, config.vae_decoder_minutes}, 20,
@@ -1378,6 +1578,8 @@ void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) 
   if (!options.decoder_from.empty() && s != "vae-decoder")
     throw InputError("train-demo: --decoder-from needs --stage vae-decoder");
   if (!options.dit_from.empty() && s != "dit") throw InputError("train-demo: --dit-from needs --stage dit");
+  if (config.decoder_generated_clips > 0 && s != "vae-decoder")
+    throw InputError("train-demo: decoder_generated_clips needs --stage vae-decoder --decoder-from MODEL");
   const fs::path root(options.out_dir);
   fs::create_directories(root / "train-state");
   write_text(root / "train-state" / "config.json", config.to_json().dump(2) + "\n");

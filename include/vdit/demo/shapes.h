@@ -60,6 +60,10 @@ struct ClipLayout {
   float dx = 0, dy = 0; // centre displacement from frame 0 to the last frame
 };
 
+// The object size a layout aims at before its +-10 % draw: width/7, smaller only where vertical
+// motion of 45 % plus the object would not fit a short frame.
+float nominal_object_size(std::int64_t width, std::int64_t height);
+
 // Size about width/7 (±10 %), displacement 25-45 % of the frame side along the caption's
 // direction (0 for still), start position uniform among those that keep the object inside.
 ClipLayout random_layout(const Caption& caption, std::int64_t width, std::int64_t height, std::mt19937_64& rng);
