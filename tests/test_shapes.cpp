@@ -501,7 +501,16 @@ TEST_CASE("vdit eval shapes --round-trip judges rendered clips through the model
   CHECK(at::equal(sheet("noisy1"), sheet("noisy2")));
   CHECK_FALSE(at::equal(sheet("noisy1"), sheet("clean")));
 
-  for (const std::string bad : {"--round-trip --render-only", "--round-trip --latent-noise -1", "--latent-noise 0.5"}) {
+  // Latent blur: deterministic, changes the pixels, recorded in the metadata.
+  REQUIRE(run_vdit(common + "--latent-blur 1 --json --save-dir " + (dir.path / "blur1").string(), out) == 0);
+  CHECK(nlohmann::json::parse(out)["latent_blur"] == 1.0);
+  REQUIRE(run_vdit(common + "--latent-blur 1 --save-dir " + (dir.path / "blur2").string(), out) == 0);
+  CHECK(at::equal(sheet("blur1"), sheet("blur2")));
+  CHECK_FALSE(at::equal(sheet("blur1"), sheet("clean")));
+  CHECK(nlohmann::json::parse(read_png_text((dir.path / "blur1" / "clip_0001.png").string()).at(0).second)["latent blur"] == "1");
+
+  for (const std::string bad : {"--round-trip --render-only", "--round-trip --latent-noise -1", "--latent-noise 0.5",
+                                "--round-trip --latent-blur -1", "--latent-blur 1"}) {
     CHECK(run_vdit("eval shapes --model " + model.string() + " " + bad, out) == 2);
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
   }

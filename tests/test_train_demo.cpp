@@ -844,3 +844,35 @@ TEST_CASE("train-demo: decoder_generated_* settings are read, written and checke
   CHECK_THROWS_AS(train_demo(m, o), InputError);
   fs::remove_all(dir);
 }
+
+TEST_CASE("train-demo: the VAE's shape probe adds a cross-entropy, reports its accuracy and resumes bit-exactly", "[train]") {
+  DemoTrainConfig c = micro_config();
+  DemoTrainConfig probed = c;
+  probed.vae_shape_probe_weight = 0.5;
+  VAETrainer plain(c, 6), with_probe(probed, 6);
+  // The probe is drawn after the VAE: both start from the same VAE and the same batch, and the
+  // cross-entropy (> 0) is added to the same loss.
+  CHECK(same_parameters(*plain.vae(), *with_probe.vae()));
+  const VAEStepResult a = plain.step(), b = with_probe.step();
+  CHECK(a.probe_accuracy == -1);
+  CHECK(b.probe_accuracy >= 0);
+  CHECK(b.probe_accuracy <= 1);
+  CHECK(b.recon == Approx(a.recon).epsilon(1e-6));
+  CHECK(b.loss > a.loss);
+
+  const fs::path dir = temp_dir("probe");
+  with_probe.save_state((dir / "probe.pt").string());
+  VAETrainer resumed(probed, 99), refused(probed, 99);
+  resumed.load_state((dir / "probe.pt").string());
+  for (int i = 0; i < 2; ++i) CHECK(with_probe.step().loss == resumed.step().loss);
+  CHECK(same_parameters(*with_probe.vae(), *resumed.vae()));
+  // A state without a probe cannot resume a probed run.
+  plain.save_state((dir / "plain.pt").string());
+  CHECK_THROWS_AS(refused.load_state((dir / "plain.pt").string()), InputError);
+  // The decoder phase trains without it.
+  with_probe.start_decoder_phase();
+  CHECK(with_probe.step().probe_accuracy == -1);
+  CHECK_THROWS_AS(DemoTrainConfig::from_json({{"vae_shape_probe_weight", -1}}), InputError);
+  CHECK(DemoTrainConfig::from_json(probed.to_json()).vae_shape_probe_weight == 0.5);
+  fs::remove_all(dir);
+}

@@ -56,6 +56,7 @@ struct EvalOptions {
   bool render_only = false;
   bool round_trip = false;    // rendered clips through the model's VAE only (no text encoder, no DiT)
   double latent_noise = 0;   // round trip: Gaussian noise of this std added to the normalised latent
+  double latent_blur = 0;    // round trip: spatial Gaussian blur of this std (latent cells) on the latent
   bool overwrite = false;
 };
 
@@ -104,6 +105,20 @@ std::string number_text(double v) {
   return s.str();
 }
 
+// Separable Gaussian blur of a latent [C, F', h, w] over h and w (std in latent cells, edges
+// replicated): what a DiT that is unsure where the object's edges lie to within a cell makes of it.
+at::Tensor blur_latent(const at::Tensor& latent, double sigma) {
+  const std::int64_t radius = static_cast<std::int64_t>(std::ceil(3 * sigma));
+  const at::Tensor x = at::arange(-radius, radius + 1, latent.options());
+  at::Tensor kernel = at::exp(-0.5 * (x / sigma).pow(2));
+  kernel = kernel / kernel.sum();
+  const std::int64_t c = latent.size(0), f = latent.size(1), h = latent.size(2), w = latent.size(3);
+  at::Tensor planes = at::replication_pad2d(latent.reshape({c * f, 1, h, w}), {radius, radius, radius, radius});
+  planes = at::conv2d(planes, kernel.view({1, 1, 1, -1}));
+  planes = at::conv2d(planes, kernel.view({1, 1, -1, 1}));
+  return planes.reshape({c, f, h, w});
+}
+
 std::string sheet_name(int index) {
   char buffer[32];
   std::snprintf(buffer, sizeof(buffer), "clip_%04d.png", index + 1);
@@ -122,6 +137,8 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   if (o.round_trip && o.render_only) throw InputError("--round-trip and --render-only exclude each other");
   if (!(o.latent_noise >= 0)) throw InputError("--latent-noise must be >= 0");
   if (o.latent_noise > 0 && !o.round_trip) throw InputError("--latent-noise needs --round-trip");
+  if (!(o.latent_blur >= 0)) throw InputError("--latent-blur must be >= 0");
+  if (o.latent_blur > 0 && !o.round_trip) throw InputError("--latent-blur needs --round-trip");
   if (o.strength != 1.0 && (o.round_trip || o.render_only))
     throw InputError("--strength judges generated clips; it excludes --round-trip and --render-only");
 
@@ -178,7 +195,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   if (o.round_trip) {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips through the VAE of " + model_dir + ", " +
              std::to_string(width) + "x" + std::to_string(height) + ", " + std::to_string(o.frames) +
-             " frames, latent noise " + number_text(o.latent_noise));
+             " frames, latent noise " + number_text(o.latent_noise) + ", latent blur " + number_text(o.latent_blur));
   } else if (!o.render_only) {
     // Every distinct caption (at most 90) and the negative prompt are encoded once, before the
     // DiT is loaded; the text encoder is released after.
@@ -229,6 +246,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         at::Tensor latent = pipeline->encode(video);
         if (o.latent_noise > 0)
           latent = latent + o.latent_noise * seeded_noise(latent.sizes().vec(), clip_seed);
+        if (o.latent_blur > 0) latent = blur_latent(latent, o.latent_blur);
         video = pipeline->decode(latent);
       }
     } else {
@@ -268,6 +286,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
       } else if (o.round_trip) {
         metadata["source"] = "VAE round trip";
         metadata["latent noise"] = number_text(o.latent_noise);
+        if (o.latent_blur > 0) metadata["latent blur"] = number_text(o.latent_blur);
       } else {
         metadata["steps"] = std::to_string(o.steps);
         if (o.strength < 1.0) metadata["strength"] = number_text(o.strength);
@@ -302,6 +321,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     if (o.round_trip) {
       j["model"] = model_dir;
       j["latent_noise"] = o.latent_noise;
+      if (o.latent_blur > 0) j["latent_blur"] = o.latent_blur;
     } else if (!o.render_only) {
       j["model"] = model_dir;
       j["steps"] = o.steps;
@@ -334,6 +354,9 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (default: the model's vdit-demo.json, else 4)");
   cmd->add_option("--shift", o->shift, "Flow shift (default: the model's vdit-demo.json or scheduler config)");
   cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler | euler-a (stochastic)")->capture_default_str();
+  cmd->add_option("--latent-blur", o->latent_blur,
+                  "With --round-trip: blur the latent spatially with a Gaussian of this std in latent cells before "
+                  "decoding (how much of each attribute survives a DiT's positional uncertainty)");
   cmd->add_option("--strength", o->strength,
                   "Below 1: start each clip from its rendered ground truth noised to that share of the schedule "
                   "(SDEdit), to see at which noise level the model keeps or loses shape, colour and motion")

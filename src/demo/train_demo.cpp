@@ -355,6 +355,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("vae_object_mse_weight", c.vae_object_mse_weight);
   get("vae_colour_weight", c.vae_colour_weight);
   get("vae_gradient_weight", c.vae_gradient_weight);
+  get("vae_shape_probe_weight", c.vae_shape_probe_weight);
   get("decoder_generated_clips", c.decoder_generated_clips);
   get("decoder_generated_batch", c.decoder_generated_batch);
   get("decoder_generated_weight", c.decoder_generated_weight);
@@ -408,6 +409,7 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.vae_batch < 1 || c.dit_batch < 1) throw InputError("demo training config: batch sizes must be >= 1");
   if (c.pool_size < 1) throw InputError("demo training config: pool_size must be >= 1");
   if (c.vae_gradient_weight < 0) throw InputError("demo training config: vae_gradient_weight must be >= 0");
+  if (!(c.vae_shape_probe_weight >= 0)) throw InputError("demo training config: vae_shape_probe_weight must be >= 0");
   if (c.decoder_generated_clips < 0 || c.decoder_generated_batch < 0 || !(c.decoder_generated_weight >= 0))
     throw InputError("demo training config: decoder_generated_clips, decoder_generated_batch and decoder_generated_weight must be >= 0");
   if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
@@ -461,6 +463,7 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["vae_object_mse_weight"] = vae_object_mse_weight;
   j["vae_colour_weight"] = vae_colour_weight;
   j["vae_gradient_weight"] = vae_gradient_weight;
+  j["vae_shape_probe_weight"] = vae_shape_probe_weight;
   j["decoder_generated_clips"] = decoder_generated_clips;
   j["decoder_generated_batch"] = decoder_generated_batch;
   j["decoder_generated_weight"] = decoder_generated_weight;
@@ -572,13 +575,16 @@ at::Tensor object_mask(const at::Tensor& video) {
 }
 }  // namespace
 
-at::Tensor latent_object_mask(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride) {
+at::Tensor latent_object_cells(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride) {
   if (video.dim() != 5 || video.size(1) != 3) throw InputError("latent_object_mask: clips must be [B, 3, F, H, W]");
   at::Tensor mask = object_mask(video);  // [B, 1, F, H, W]
   // Repeat frame 0 so that each later latent frame pools exactly its own temporal_stride frames.
   if (temporal_stride > 1) mask = at::cat({mask.narrow(2, 0, 1).expand({-1, -1, temporal_stride - 1, -1, -1}), mask}, 2);
-  mask = at::max_pool3d(mask, {temporal_stride, spatial_stride, spatial_stride}, {temporal_stride, spatial_stride, spatial_stride});
-  return at::max_pool3d(mask, {1, 3, 3}, {1, 1, 1}, {0, 1, 1});
+  return at::max_pool3d(mask, {temporal_stride, spatial_stride, spatial_stride}, {temporal_stride, spatial_stride, spatial_stride});
+}
+
+at::Tensor latent_object_mask(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride) {
+  return at::max_pool3d(latent_object_cells(video, temporal_stride, spatial_stride), {1, 3, 3}, {1, 1, 1}, {0, 1, 1});
 }
 
 at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, double object_weight) {
@@ -677,6 +683,13 @@ VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed)
     vae_->named_parameters()["conv1.bias"].narrow(0, z, z).fill_(config.vae_logvar_init);
   }
   trained_ = vae_->parameters();
+  if (config.vae_shape_probe_weight > 0) {
+    // Drawn after the VAE's own initialisation, so the VAE starts as it does without a probe.
+    probe_weight_ = (0.01 * torch::randn({shapes::kShapes, config.vae.z_dim})).set_requires_grad(true);
+    probe_bias_ = torch::zeros({shapes::kShapes}).set_requires_grad(true);
+    trained_.push_back(probe_weight_);
+    trained_.push_back(probe_bias_);
+  }
   optimizer_ = std::make_unique<torch::optim::AdamW>(
       trained_, torch::optim::AdamWOptions(config.vae_lr).betas({0.9, 0.99}).weight_decay(0.0));
 }
@@ -751,7 +764,23 @@ VAEStepResult VAETrainer::step(double lr_scale) {
   }
   const at::Tensor kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean();
   // The KL term has no gradient in the decoder phase (the encoder is frozen); it is still reported.
-  const at::Tensor loss = decoder_phase_ ? recon_loss : recon_loss + config_.vae_kl_weight * kl;
+  at::Tensor loss = decoder_phase_ ? recon_loss : recon_loss + config_.vae_kl_weight * kl;
+  double probe_accuracy = -1;
+  if (!decoder_phase_ && probe_weight_.defined()) {
+    // Cross-entropy of the clip's shape, read linearly from every cell that holds the object.
+    const at::Tensor cells = latent_object_cells(video, vae_->config().temporal_stride(), vae_->config().spatial_stride())
+                                 .squeeze(1);  // [B, F', h, w]
+    std::vector<std::int64_t> shape_ids;
+    for (const auto& c : batch.captions) shape_ids.push_back(static_cast<std::int64_t>(c.shape));
+    const at::Tensor labels = at::tensor(shape_ids, at::kLong).view({-1, 1, 1, 1}).expand_as(cells);
+    const std::int64_t z = mu.size(1);
+    const at::Tensor logits =
+        at::conv3d(mu, probe_weight_.view({shapes::kShapes, z, 1, 1, 1}), probe_bias_);  // [B, 3, F', h, w]
+    const at::Tensor nll = -at::log_softmax(logits, 1).gather(1, labels.unsqueeze(1)).squeeze(1);
+    const at::Tensor count = cells.sum().clamp_min(1.0);
+    loss = loss + config_.vae_shape_probe_weight * (nll * cells).sum() / count;
+    probe_accuracy = ((logits.argmax(1) == labels).to(at::kFloat) * cells).sum().item<double>() / count.item<double>();
+  }
   optimizer_->zero_grad();
   loss.backward();
   if (config_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(trained_, config_.grad_clip);
@@ -761,6 +790,7 @@ VAEStepResult VAETrainer::step(double lr_scale) {
   r.loss = loss.item<double>();
   r.recon = (recon.detach() - video).abs().mean().item<double>();
   r.kl = kl.item<double>();
+  r.probe_accuracy = probe_accuracy;
   return r;
 }
 
@@ -772,6 +802,10 @@ void VAETrainer::save_state(const std::string& path) const {
   ar.write("optim", optim);
   ar.write("step", at::tensor(step_));
   ar.write("decoder_phase", at::tensor(static_cast<std::int64_t>(decoder_phase_)));
+  if (probe_weight_.defined()) {
+    ar.write("probe_weight", probe_weight_.detach());
+    ar.write("probe_bias", probe_bias_.detach());
+  }
   write_rng(ar, data_rng_, noise_gen_);
   save_archive(ar, path);
 }
@@ -788,6 +822,14 @@ void VAETrainer::load_state(const std::string& path) {
   ar.read("model", model);
   ar.read("optim", optim);
   vae_->load(model);
+  if (probe_weight_.defined() && !decoder_phase_) {
+    at::Tensor w, b;
+    if (!ar.try_read("probe_weight", w) || !ar.try_read("probe_bias", b))
+      throw InputError(path + ": the state has no shape probe, but vae_shape_probe_weight is set");
+    torch::NoGradGuard no_grad;
+    probe_weight_.copy_(w);
+    probe_bias_.copy_(b);
+  }
   optimizer_->load(optim);
   step_ = read_int(ar, "step");
   read_rng(ar, data_rng_, noise_gen_);
@@ -1424,7 +1466,8 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
                                     if (config.vae_validate_every > 0 && trainer.steps_done() % config.vae_validate_every == 0)
                                       log_info(name + ": step " + std::to_string(trainer.steps_done()) + " round trip " +
                                                round_trip_line(trainer.vae(), config));
-                                    return std::make_pair(r.recon, " kl " + fmt(r.kl, 3));
+                                    return std::make_pair(r.recon, " kl " + fmt(r.kl, 3) +
+                                                                       (r.probe_accuracy >= 0 ? " probe " + fmt(r.probe_accuracy, 2) : std::string()));
                                   },
                                   save);
     log_info(name + ": " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", L1 " + fmt(avg));

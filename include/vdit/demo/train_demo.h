@@ -73,6 +73,14 @@ struct DemoTrainConfig {
   // Weight of the L1 error of horizontal and vertical pixel differences inside the object's region
   // (the edges' sharpness). 0, the shipped recipe: off until a run shows it keeps squares square.
   double vae_gradient_weight = 0.0;
+  // Shape probe (first phase only): a linear 3-way classifier trained with the VAE reads the clip's
+  // shape from every latent cell that holds part of the object, and its cross-entropy, times this
+  // weight, joins the VAE's loss. Why: the DiT gets colour right in every clip, and colour is a
+  // value each object cell carries; shape is spread over the corners, which the DiT rounds. With
+  // the probe the encoder must also write the shape into each object cell, where the DiT can
+  // paint it like a colour and the decoder can read it. The probe itself is not part of the
+  // model. 0: off.
+  double vae_shape_probe_weight = 0.0;
   // Training windows: the VAE is convolutional (its attention is over whatever grid it gets), so it
   // trains on the first vae_frames frames (4n+1; 0: all) and a vae_crop x vae_crop window around
   // the object (multiple of 16; 0: the whole frame). 5 frames and 32x32 cost ~1/7 of a full clip,
@@ -224,6 +232,7 @@ std::string train_caption_tokenizer(const std::string& dir, std::int64_t vocab_s
 // One VAE optimisation step on a random batch; returns (total loss, reconstruction L1).
 struct VAEStepResult {
   double loss = 0, recon = 0, kl = 0;
+  double probe_accuracy = -1;  // share of object cells the shape probe reads right (-1: no probe)
 };
 
 // The VAE's reconstruction loss for clips [B, 3, F, H, W] in [-1, 1] (see the comments in the
@@ -290,6 +299,7 @@ class VAETrainer {
   at::Generator noise_gen_;
   std::int64_t step_ = 0;
   at::Tensor generated_latents_, generated_targets_;
+  at::Tensor probe_weight_, probe_bias_;  // vae_shape_probe_weight > 0: [3, z_dim], [3]
 };
 
 // Encodes and decodes `clips` random clips (seeded) with the VAE's mean latent and scores the
@@ -317,6 +327,8 @@ struct DiTStepResult {
 // [B, 3, F, H, W], grown by one latent position on each side. Latent frame 0 covers pixel frame 0
 // and frame k >= 1 covers pixel frames t(k-1)+1 .. tk, as the causal VAE compresses them.
 at::Tensor latent_object_mask(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride);
+// The same cells before the growth: those whose pixels hold any of the object.
+at::Tensor latent_object_cells(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride);
 
 // The DiT's flow-matching loss: mean of w (pred - target)^2 divided by the mean of w, with
 // w = 1 + object_weight * mask (mask [B, 1, F', h, w] broadcast over channels). object_weight 0 is
