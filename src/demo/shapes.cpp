@@ -48,7 +48,6 @@ float uniform(std::mt19937_64& rng, float lo, float hi) {
   return std::uniform_real_distribution<float>(lo, hi)(rng);
 }
 
-
 // Whether the point (px, py) lies inside the shape of size `s` centred at (cx, cy). All three
 // shapes fill the same s x s box, so "centre" means the box centre for each.
 inline bool inside(Shape shape, float px, float py, float cx, float cy, float half) {

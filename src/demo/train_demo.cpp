@@ -744,10 +744,7 @@ VAEStepResult VAETrainer::step(double lr_scale) {
     for (const std::int64_t i : chosen) {
       at::Tensor latent = generated_latents_[i], target = generated_targets_[i];
       if (crop > 0 && (crop < lh || crop < lw)) {
-        const at::Tensor middle = object_mask(target.unsqueeze(0).narrow(2, target.size(1) / 2, 1))[0][0][0];  // [H, W]
-        const at::Tensor ys = middle.any(1).nonzero(), xs = middle.any(0).nonzero();
-        const double cy = ys.numel() ? 0.5 * (ys.min().item<std::int64_t>() + ys.max().item<std::int64_t>() + 1) : 0.5 * target.size(2);
-        const double cx = xs.numel() ? 0.5 * (xs.min().item<std::int64_t>() + xs.max().item<std::int64_t>() + 1) : 0.5 * target.size(3);
+        const auto [cy, cx] = generated_centres_[static_cast<std::size_t>(i)];
         std::uniform_int_distribution<std::int64_t> jitter(-crop / 4, crop / 4);
         const std::int64_t y0 = std::clamp<std::int64_t>(std::lround(cy / stride) - crop / 2 + jitter(data_rng_), 0, std::max<std::int64_t>(0, lh - crop));
         const std::int64_t x0 = std::clamp<std::int64_t>(std::lround(cx / stride) - crop / 2 + jitter(data_rng_), 0, std::max<std::int64_t>(0, lw - crop));
@@ -973,6 +970,17 @@ void VAETrainer::set_generated_pairs(const GeneratedDecoderPairs& pairs) {
     throw InputError("decoder pairs: latents and targets must be non-empty and of the same count");
   generated_latents_ = pairs.latents;
   generated_targets_ = pairs.targets;
+  // The crop centres, once: bounding-box centre of the object in each target's middle frame (the
+  // frame centre where it has none).
+  generated_centres_.clear();
+  const at::Tensor middle =
+      object_mask(pairs.targets.narrow(2, pairs.targets.size(2) / 2, 1)).squeeze(2).squeeze(1);  // [N, H, W]
+  for (std::int64_t i = 0; i < middle.size(0); ++i) {
+    const at::Tensor ys = middle[i].any(1).nonzero(), xs = middle[i].any(0).nonzero();
+    const double cy = ys.numel() ? 0.5 * (ys.min().item<std::int64_t>() + ys.max().item<std::int64_t>() + 1) : 0.5 * middle.size(1);
+    const double cx = xs.numel() ? 0.5 * (xs.min().item<std::int64_t>() + xs.max().item<std::int64_t>() + 1) : 0.5 * middle.size(2);
+    generated_centres_.emplace_back(cy, cx);
+  }
 }
 
 shapes::JudgeSummary judge_round_trip(WanVAE& vae, const DemoTrainConfig& config, std::int64_t clips, std::uint64_t seed) {

@@ -247,11 +247,13 @@ at::Tensor vae_training_window(const at::Tensor& video, const DemoTrainConfig& c
 
 at::Tensor vae_reconstruction_loss(const at::Tensor& recon, const at::Tensor& video, const DemoTrainConfig& config);
 
-// The layout (ClipLayout) of the one object in a decoded clip [3, F, H, W] in [-1, 1]: per frame the
-// bounding box of the pixels farther than the judge's foreground distance from the background
-// (every shape fills the same size x size box around its centre), the size their median side
-// clamped to the domain's 0.85-1.15 x nominal size, the centres fitted by least squares to linear
-// motion (no motion for a still caption). nullopt when a frame shows no object.
+// The layout (ClipLayout) of the one object in a decoded clip [3, F, H, W] in [-1, 1]. Per frame, the
+// pixels farther than the judge's foreground distance from the background bound the object; inside
+// that box (grown by a pixel) each pixel's coverage of the caption's colour gives row and column
+// profiles (every shape fills the same size x size box around its centre): their weighted means
+// are the centre, the column profile's sum the size (a triangle's from its area). The size is the
+// frames' median clamped to the domain's 0.85-1.15 x nominal size, the centres are fitted by least
+// squares to linear motion (none for a still caption). nullopt when a frame shows no object.
 std::optional<shapes::ClipLayout> layout_from_pixels(const at::Tensor& video, const shapes::Caption& caption);
 
 // Pairs for the decoder fine-tune on generated latents (DemoTrainConfig::decoder_generated_clips).
@@ -299,6 +301,8 @@ class VAETrainer {
   at::Generator noise_gen_;
   std::int64_t step_ = 0;
   at::Tensor generated_latents_, generated_targets_;
+  // Per pair, the centre (y, x) of the target's object in its middle frame, where the crop goes.
+  std::vector<std::pair<double, double>> generated_centres_;
   at::Tensor probe_weight_, probe_bias_;  // vae_shape_probe_weight > 0: [3, z_dim], [3]
 };
 
