@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <sstream>
 
 namespace vdit {
@@ -65,6 +66,7 @@ void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
   if (s.steps < 1 && s.sigmas.empty()) throw InputError("--steps must be at least 1");
   if (s.shift && !(*s.shift > 0)) throw InputError("--shift must be positive");
   if (!std::isfinite(s.guidance)) throw InputError("--guidance must be a finite number");
+  if (!std::isfinite(s.autoguidance)) throw InputError("--autoguidance must be a finite number");
   check_sampler_name(s.sampler);
   if (!(s.eta >= 0.0 && s.eta <= 1.0)) throw InputError("--eta must be in [0, 1] (got " + std::to_string(s.eta) + ")");
   if (!(s.strength > 0.0 && s.strength <= 1.0))
@@ -112,6 +114,9 @@ at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t se
 WanT2VPipeline::WanT2VPipeline(WanModelFiles files, WanT2VOptions options)
     : files_(std::move(files)), options_(options) {
   if (!files_.scheduler_config.empty()) scheduler_config_ = read_scheduler_config(files_.scheduler_config);
+  std::error_code ec;
+  if (!options_.guide_dit.empty() && !std::filesystem::exists(options_.guide_dit, ec))
+    throw InputError(options_.guide_dit + ": no such guide DiT file or directory");
 }
 
 namespace {
@@ -193,6 +198,57 @@ void WanT2VPipeline::load_dit() {
   times_.load += seconds_since(t0);
 }
 
+void WanT2VPipeline::load_guide_dit() {
+  if (guide_dit_) return;
+  const std::string& path = options_.guide_dit;
+  if (path.empty()) throw InputError("autoguidance needs a guide DiT (--guide-dit)");
+  const auto t0 = std::chrono::steady_clock::now();
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<std::string> files;
+  std::string config_file;
+  if (fs::is_directory(path, ec)) {
+    // A transformer folder of its own (config.json + diffusion_pytorch_model.safetensors), or a
+    // whole model directory whose DiT is the guide.
+    const fs::path dir(path);
+    if (fs::exists(dir / "diffusion_pytorch_model.safetensors", ec)) {
+      files = {(dir / "diffusion_pytorch_model.safetensors").string()};
+      if (fs::exists(dir / "config.json", ec)) config_file = (dir / "config.json").string();
+    } else {
+      const WanModelFiles located = locate_wan_model(path, {}, false);
+      files = located.dit;
+      config_file = located.dit_config;
+    }
+    if (files.empty() || files.front().empty()) throw InputError(path + ": no DiT weights found for the guide DiT");
+  } else if (fs::exists(path, ec)) {
+    files = {path};
+  } else {
+    throw InputError(path + ": no such guide DiT file or directory");
+  }
+  const std::vector<std::shared_ptr<WeightFile>> weights = open_weights(files);
+  const WanDiTConfig& main = dit_->config;
+  WanDiTConfig config = main;  // a bare file whose sizes cannot be inferred: the model's own architecture
+  if (!config_file.empty()) {
+    config = WanDiTConfig::from_file(config_file);
+  } else {
+    try {
+      config = WanDiTConfig::infer_from_weights(weights);
+    } catch (const InputError&) {
+      log_verbose(path + ": guide DiT sizes not inferable from its weights; assuming the model's DiT config");
+    }
+  }
+  if (config.in_dim != main.in_dim || config.out_dim != main.out_dim || config.patch_size != main.patch_size ||
+      config.text_dim != main.text_dim)
+    throw InputError(path + ": the guide DiT does not match the model's DiT (latent channels, patch and text width must agree)");
+  log_verbose("loading guide DiT " + files.front());
+  WanDiT model(config);
+  model->to(options_.device);
+  load_wan_dit_weights(model, weights, options_.dtype);
+  model->eval();
+  guide_dit_ = model.ptr();
+  times_.load += seconds_since(t0);
+}
+
 void WanT2VPipeline::load_vae() {
   if (vae_) return;
   const auto t0 = std::chrono::steady_clock::now();
@@ -206,7 +262,10 @@ void WanT2VPipeline::load_vae() {
   times_.load += seconds_since(t0);
 }
 
-void WanT2VPipeline::release_dit() { dit_.reset(); }
+void WanT2VPipeline::release_dit() {
+  dit_.reset();
+  guide_dit_.reset();
+}
 void WanT2VPipeline::release_vae() { vae_.reset(); }
 
 at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
@@ -216,6 +275,8 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   const auto t0 = std::chrono::steady_clock::now();
   auto sampler = make_sampler_for(settings);
   const bool guided = settings.guidance != 1.0;
+  const bool autoguided = settings.autoguidance != 1.0;
+  if (autoguided) load_guide_dit();
 
   // The reference's tokenizer cuts prompts at the DiT's text_len; models with a shorter text_len
   // than the encoder's 512 (the built-in demo model) are cut here the same way.
@@ -232,23 +293,28 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
     uncond = dit_->encode_text(fit(context_null).to(options_.device).unsqueeze(0));
     if (settings.batch_guidance) both = WanTextCondition::cat({cond, uncond});
   }
+  WanTextCondition guide_cond;
+  if (autoguided) guide_cond = guide_dit_->encode_text(fit(context).to(options_.device).unsqueeze(0));
 
   at::Tensor x = noise.to(options_.device, at::kFloat).unsqueeze(0);  // [1, C, F', h, w]
   const int total = sampler->num_steps();
   for (int i = sampler->begin_index(); i < total; ++i) {
     const auto t = at::full({1}, static_cast<double>(sampler->timesteps()[i]), x.options());
     at::Tensor output;  // guided model output: a velocity or, for a sample-predicting model, x0
+    at::Tensor out_cond;
     if (!guided) {
-      output = dit_->forward(x, t, cond);
+      output = out_cond = dit_->forward(x, t, cond);
     } else if (settings.batch_guidance) {
       at::Tensor out = dit_->forward(at::cat({x, x}), t.expand({2}), both);
-      at::Tensor out_cond = out.narrow(0, 0, 1), out_uncond = out.narrow(0, 1, 1);
+      out_cond = out.narrow(0, 0, 1);
+      at::Tensor out_uncond = out.narrow(0, 1, 1);
       output = out_uncond + settings.guidance * (out_cond - out_uncond);
     } else {
-      at::Tensor out_cond = dit_->forward(x, t, cond);
+      out_cond = dit_->forward(x, t, cond);
       at::Tensor out_uncond = dit_->forward(x, t, uncond);
       output = out_uncond + settings.guidance * (out_cond - out_uncond);
     }
+    if (autoguided) output = output + (settings.autoguidance - 1.0) * (out_cond - guide_dit_->forward(x, t, guide_cond));
     // Guidance is affine in the output and (x - x0) / sigma is affine in x0 with x fixed, so guiding
     // the predicted x0 and then converting equals converting each output first.
     const at::Tensor velocity = sampler->config().prediction == ModelPrediction::Sample
@@ -308,6 +374,7 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       {"sampler", settings.sampler == "euler-a" ? settings.sampler + " (eta " + number_text(settings.eta) + ")" : settings.sampler},
       {"shift", number_text(shift)},
       {"guidance", number_text(settings.guidance)},
+      {"autoguidance", settings.autoguidance != 1.0 ? number_text(settings.autoguidance) + " (guide " + options_.guide_dit + ")" : "off"},
       {"model", files_.root.empty() ? files_.dit.front() : files_.root},
       {"software", "vdit"},
   };

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 
@@ -116,6 +117,50 @@ TEST_CASE("a sample-predicting model's guided output becomes the velocity before
   settings.sampler = "unipc";
   CHECK(sample_model.make_sampler_for(settings)->config().prediction == ModelPrediction::Sample);
   CHECK(velocity_model.make_sampler_for(settings)->config().prediction == ModelPrediction::Velocity);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("autoguidance adds (w - 1) x (output - guide output); a guide equal to the model changes nothing", "[pipeline]") {
+  auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
+  const fs::path dir = temp_dir("autoguidance");
+  // A guide whose output head is zeroed predicts exactly 0, so the autoguided velocity is w x v.
+  auto weights = SafetensorsFile::open(fixture("wan-tiny/dit/weights.safetensors"));
+  std::vector<WriteEntry> zero_head;
+  int zeroed = 0;
+  for (const auto& entry : weights->entries()) {
+    at::Tensor t = weights->tensor(entry).clone();
+    if (entry.name.rfind("head.head.", 0) == 0) t.zero_(), ++zeroed;
+    zero_head.push_back(WriteEntry{entry.name, t, std::nullopt});
+  }
+  REQUIRE(zeroed == 2);
+  const fs::path zero_guide = dir / "zero-head.safetensors";
+  write_safetensors(zero_guide.string(), zero_head);
+
+  T2VSettings settings = tiny_settings("euler", 1);  // one Euler step, sigma 1 -> 0: x = noise - v
+  settings.guidance = 1.0;                           // no CFG, so the output is the conditional one
+  const at::Tensor noise = file->tensor("noise");
+  const auto run = [&](const std::string& guide, double w) {
+    WanT2VOptions options;
+    options.guide_dit = guide;
+    WanT2VPipeline pipeline(tiny_model_files(), options);
+    settings.autoguidance = w;
+    return pipeline.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings);
+  };
+  const at::Tensor plain = run("", 1.0);
+  const at::Tensor velocity = noise - plain;
+  REQUIRE(velocity.abs().max().item<double>() > 1e-2);
+  CHECK(at::allclose(run(zero_guide.string(), 2.5), noise - 2.5 * velocity, 1e-5, 1e-5));
+  // The model as its own guide: output - guide output is exactly 0.
+  CHECK(at::equal(run(fixture("wan-tiny/dit/weights.safetensors"), 3.0), plain));
+  // With CFG on, the guide term adds to the CFG output (the conditional output comes from the
+  // batched cond/uncond forward, the guide's from a batch of one: equal up to rounding).
+  settings.guidance = 5.0;
+  CHECK(at::allclose(run(fixture("wan-tiny/dit/weights.safetensors"), 3.0), run("", 1.0), 1e-5, 1e-5));
+  // Bad guides: none given, a missing path, another latent width.
+  CHECK_THROWS_WITH(run("", 2.0), Catch::Contains("--guide-dit"));
+  CHECK_THROWS_WITH(run((dir / "missing.safetensors").string(), 2.0), Catch::Contains("no such guide DiT"));
+  settings.autoguidance = std::nan("");
+  CHECK_THROWS_WITH(validate_t2v_settings(settings), Catch::Contains("--autoguidance"));
   fs::remove_all(dir);
 }
 
@@ -368,6 +413,19 @@ TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the com
   REQUIRE(!text.empty());
   CHECK(text[0].second.find("Negative prompt: blurry") != std::string::npos);
   CHECK(text[0].second.find("Sampler: euler-a (eta 0.5)") != std::string::npos);
+
+  // Autoguidance from the file: the guide path is taken relative to the model directory (the
+  // model's own transformer folder as its guide), and the setting reaches the metadata.
+  { std::ofstream(model / "vdit-demo.json") << R"({"size": "32x16", "frames": 5, "steps": 2, "autoguidance": 2, "guide_dit": "transformer"})"; }
+  REQUIRE(run_vdit("generate -m " + model.string() + " -p 'a red circle' -o " + (root / "g.mp4").string(), &out) == 0);
+  meta = read_video_metadata((root / "g.mp4").string());
+  REQUIRE(meta.count("autoguidance") == 1);
+  CHECK(meta.at("autoguidance").find("2 (guide " + (model / "transformer").string()) == 0);
+  // A guide that does not exist is a one-line input error, and nothing is written.
+  REQUIRE(run_vdit("generate -m " + model.string() + " -p x --guide-dit missing -o " + (root / "h.mp4").string(), &out) == 2);
+  CHECK(out.find("missing: no such guide DiT") != std::string::npos);
+  CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+  CHECK(!fs::exists(root / "h.mp4"));
 
   // A broken defaults file is a one-line input error naming it.
   { std::ofstream(model / "vdit-demo.json") << "{\"frames\": \"nine\"}"; }

@@ -54,6 +54,8 @@ std::optional<ModelDefaults> read_model_defaults(const std::string& dir) {
       else if (key == "guidance") d.guidance = value.get<double>();
       else if (key == "fps") d.fps = value.get<double>();
       else if (key == "negative_prompt") d.negative_prompt = value.get<std::string>();
+      else if (key == "autoguidance") d.autoguidance = value.get<double>();
+      else if (key == "guide_dit") d.guide_dit = (fs::path(dir) / value.get<std::string>()).string();
       else if (key.empty() || key[0] != '_') log_warning(path.string() + ": unknown key '" + key + "' ignored");
     }
   } catch (const nlohmann::json::exception& e) {

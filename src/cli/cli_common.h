@@ -23,7 +23,8 @@ struct ModelDefaults {
   std::optional<std::string> size, sampler, negative_prompt;
   std::optional<std::int64_t> frames;
   std::optional<int> steps;
-  std::optional<double> eta, shift, guidance, fps;
+  std::optional<double> eta, shift, guidance, fps, autoguidance;
+  std::optional<std::string> guide_dit;  // made absolute: relative paths are relative to the model directory
 };
 // nullopt when the file does not exist; InputError naming the file when it cannot be read.
 std::optional<ModelDefaults> read_model_defaults(const std::string& dir);

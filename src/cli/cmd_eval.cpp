@@ -44,6 +44,8 @@ struct EvalOptions {
   std::int64_t seed = 0;
   int steps = 30;            // the demo model's vdit-demo.json may set another default
   double guidance = 4.0;
+  double autoguidance = 1.0;  // 1: off
+  std::string guide_dit;      // the weaker DiT autoguidance contrasts with
   double shift = 0;          // 0: the model's scheduler config
   std::string sampler = "unipc";
   double eta = 1.0;          // euler-a only
@@ -77,6 +79,8 @@ void apply_model_defaults(const std::string& dir, const CLI::App& cmd, EvalOptio
   if (d->sampler && !given("--sampler")) o.sampler = *d->sampler;
   if (d->eta && !given("--eta")) o.eta = *d->eta;
   if (d->negative_prompt && !given("--negative-prompt")) o.negative_prompt = *d->negative_prompt;
+  if (d->autoguidance && !given("--autoguidance")) o.autoguidance = *d->autoguidance;
+  if (d->guide_dit && !given("--guide-dit")) o.guide_dit = *d->guide_dit;
 }
 
 std::string judged_text(const Judgement& j) {
@@ -164,6 +168,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   settings.strength = o.strength;
   if (o.shift != 0) settings.shift = o.shift;
   settings.guidance = o.guidance;
+  settings.autoguidance = o.autoguidance;
 
   std::mt19937_64 caption_rng(static_cast<std::uint64_t>(o.seed));
   std::mt19937_64 layout_rng(static_cast<std::uint64_t>(o.seed) + kLayoutSeedOffset);
@@ -178,6 +183,9 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     WanModelFiles files = locate_wan_model(model_dir);
     WanT2VOptions options;
     options.device = parse_device(global.device);
+    options.guide_dit = o.guide_dit;
+    if (o.autoguidance != 1.0 && o.guide_dit.empty())
+      throw InputError("--autoguidance needs a guide DiT (--guide-dit, or guide_dit in the model's vdit-demo.json)");
     if (!o.round_trip) {  // the compute dtype is the DiT's and text encoder's; the VAE runs in f32
       options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
       check_compute_dtype(options.dtype, options.device);
@@ -362,6 +370,12 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
                   "(SDEdit), to see at which noise level the model keeps or loses shape, colour and motion")
       ->capture_default_str();
   cmd->add_option("--eta", o->eta, "euler-a: share of the posterior noise re-drawn each step, 0 (= euler) to 1")->capture_default_str();
+  cmd->add_option("--autoguidance", o->autoguidance,
+                  "Autoguidance weight (1: off): each step adds (W - 1) x (DiT output - guide DiT output), both on the caption "
+                  "(default: the model's vdit-demo.json, else 1)");
+  cmd->add_option("--guide-dit", o->guide_dit,
+                  "The weaker DiT autoguidance contrasts with: a transformer folder, a model directory or a weights file "
+                  "(default: the model's vdit-demo.json guide_dit, relative to the model directory)");
   cmd->add_option("-n,--negative-prompt", o->negative_prompt, "Negative prompt (default: the model's vdit-demo.json, else empty)");
   cmd->add_option("--size", o->size, "WIDTHxHEIGHT (generated: multiples of 16; at least 32x32)")->capture_default_str();
   cmd->add_option("--frames", o->frames, "Frames per clip (generated: 4n+1)")->capture_default_str();

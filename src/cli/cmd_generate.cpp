@@ -40,6 +40,7 @@ std::string parameters_text(const std::map<std::string, std::string>& m) {
   std::ostringstream s;
   s << m.at("prompt") << "\nNegative prompt: " << m.at("negative_prompt") << "\nSteps: " << m.at("steps")
     << ", Sampler: " << m.at("sampler") << ", Shift: " << m.at("shift") << ", CFG scale: " << m.at("guidance")
+    << ", Autoguidance: " << m.at("autoguidance")
     << ", Seed: " << m.at("seed") << ", Size: " << m.at("size") << ", Frames: " << m.at("frames")
     << ", Model: " << m.at("model") << ", Software: vdit";
   return s.str();
@@ -56,6 +57,8 @@ struct GenerateOptions {
   double eta = 1.0;  // euler-a only
   double shift = 0;  // 0: from the model's scheduler config, else 5
   double guidance = 5.0;
+  double autoguidance = 1.0;  // 1: off
+  std::string guide_dit;
   std::int64_t seed = 42;
   std::string sigmas;
   std::string noise_file, save_latents, output, format, sheet;
@@ -81,6 +84,8 @@ void apply_model_defaults(const std::string& dir, const CLI::App& cmd, GenerateO
   if (d->shift && !given("--shift")) o.shift = *d->shift;
   if (d->guidance && !given("--guidance")) o.guidance = *d->guidance;
   if (d->fps && !given("--fps")) o.fps = *d->fps;
+  if (d->autoguidance && !given("--autoguidance")) o.autoguidance = *d->autoguidance;
+  if (d->guide_dit && !given("--guide-dit")) o.guide_dit = *d->guide_dit;
   if (d->negative_prompt && !negative_prompt) negative_prompt = *d->negative_prompt;
 }
 
@@ -104,6 +109,13 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--eta", o->eta, "euler-a: share of the posterior noise re-drawn each step, 0 (= euler) to 1")->capture_default_str();
   cmd->add_option("--shift", o->shift, "Flow shift (default: the model's scheduler config, else 5)");
   cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (1: off)")->capture_default_str();
+  cmd->add_option("--autoguidance", o->autoguidance,
+                  "Autoguidance weight (1: off): each step adds (W - 1) x (DiT output - guide DiT output), both on the "
+                  "prompt, steering away from what a weaker version of the model gets wrong")
+      ->capture_default_str();
+  cmd->add_option("--guide-dit", o->guide_dit,
+                  "The weaker DiT for --autoguidance: a transformer folder, a model directory or a weights file of the "
+                  "same latent space");
   cmd->add_option("-s,--seed", o->seed, "Seed of the initial noise")->capture_default_str();
   cmd->add_option("--sigmas", o->sigmas, "Custom sigma list, comma separated (overrides --steps/--shift)");
   cmd->add_option("--noise", o->noise_file, "safetensors file with tensor 'noise' of the latent shape ([16,F',H/8,W/8] for Wan2.1) replacing the seeded noise");
@@ -121,7 +133,8 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
 
   cmd->footer(
       "A model directory may hold vdit-demo.json with generation defaults for that model (keys: size, frames,\n"
-      "steps, sampler, shift, guidance, fps, negative_prompt); options given on the command line win.");
+      "steps, sampler, shift, guidance, fps, negative_prompt, autoguidance, guide_dit (relative to the model\n"
+      "directory)); options given on the command line win.");
 
   cmd->callback([o, cmd, &global] {
     const bool all_parts = !o->overrides.dit.empty() && !o->overrides.text_encoder.empty() && !o->overrides.vae.empty();
@@ -145,6 +158,7 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     settings.eta = o->eta;
     if (o->shift != 0) settings.shift = o->shift;
     settings.guidance = o->guidance;
+    settings.autoguidance = o->autoguidance;
     if (o->seed < 0) throw InputError("--seed must be >= 0");
     settings.seed = static_cast<std::uint64_t>(o->seed);
     if (!o->sigmas.empty()) settings.sigmas = parse_sigmas(o->sigmas);
@@ -168,6 +182,9 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
 
     WanT2VOptions options;
     options.device = parse_device(global.device);
+    options.guide_dit = o->guide_dit;
+    if (o->autoguidance != 1.0 && o->guide_dit.empty())
+      throw InputError("--autoguidance needs a guide DiT (--guide-dit, or guide_dit in the model's vdit-demo.json)");
     options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
     check_compute_dtype(options.dtype, options.device);
     if (!o->text_encoder_device.empty()) {

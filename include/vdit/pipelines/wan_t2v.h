@@ -35,6 +35,11 @@ struct T2VSettings {
   double strength = 1.0;
   std::optional<double> shift;    // default: the model's scheduler config, else 5.0
   double guidance = 5.0;
+  // Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+  // with a weaker DiT of the same latent space (WanT2VOptions::guide_dit), each step adds
+  // (autoguidance - 1) * (output(c) - guide_output(c)) to the guided output, pushing the sample
+  // away from the errors the weaker model makes more of. 1: off (no guide model is loaded).
+  double autoguidance = 1.0;
   std::uint64_t seed = 0;
   std::vector<double> sigmas;     // custom schedule; empty: the sampler's own
   at::Tensor noise;               // optional latent-shaped tensor replacing the seeded noise
@@ -70,6 +75,10 @@ struct WanT2VOptions {
   at::ScalarType dtype = at::kFloat;          // DiT and text-encoder compute dtype
   std::optional<at::Device> text_encoder_device;  // default: device
   VAETiling vae_tiling;
+  // The weaker DiT for T2VSettings::autoguidance: a model directory (its transformer/ or DiT
+  // file is found as for the main model) or a DiT weights file; it must share the main DiT's
+  // latent channels, patch and text width.
+  std::string guide_dit;
 };
 
 struct StageTimes {
@@ -115,12 +124,14 @@ class WanT2VPipeline {
 
  private:
   void load_dit();
+  void load_guide_dit();
   void load_vae();
 
   WanModelFiles files_;
   WanT2VOptions options_;
   std::optional<SamplerConfig> scheduler_config_;
   std::shared_ptr<WanDiTImpl> dit_;
+  std::shared_ptr<WanDiTImpl> guide_dit_;
   std::optional<WanVAE> vae_;
   std::optional<LatentGeometry> geometry_;
   StageTimes times_;
