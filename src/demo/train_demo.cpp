@@ -576,7 +576,7 @@ at::Tensor object_mask(const at::Tensor& video) {
 }  // namespace
 
 at::Tensor latent_object_cells(const at::Tensor& video, std::int64_t temporal_stride, std::int64_t spatial_stride) {
-  if (video.dim() != 5 || video.size(1) != 3) throw InputError("latent_object_mask: clips must be [B, 3, F, H, W]");
+  if (video.dim() != 5 || video.size(1) != 3) throw InputError("latent object cells: clips must be [B, 3, F, H, W]");
   at::Tensor mask = object_mask(video);  // [B, 1, F, H, W]
   // Repeat frame 0 so that each later latent frame pools exactly its own temporal_stride frames.
   if (temporal_stride > 1) mask = at::cat({mask.narrow(2, 0, 1).expand({-1, -1, temporal_stride - 1, -1, -1}), mask}, 2);
