@@ -77,7 +77,8 @@ struct WanT2VOptions {
   VAETiling vae_tiling;
   // The weaker DiT for T2VSettings::autoguidance: a model directory (its transformer/ or DiT
   // file is found as for the main model) or a DiT weights file; it must share the main DiT's
-  // latent channels, patch and text width.
+  // latent channels, patch and text width, and predict what it predicts (the model's scheduler
+  // config says which; Wan2.1 1.3B can guide 14B).
   std::string guide_dit;
 };
 
