@@ -131,6 +131,10 @@ struct DemoTrainConfig {
   // was trained (its later phases are continuations at lower constant rates, configs/
   // shapes-demo-continue*.json); below 1 one run does that decay by itself.
   double dit_lr_final = 1.0;
+  // Every this many DiT steps (0: never) the EMA DiT is also written as a complete model directory
+  // OUT/snapshots/step-NNNNNN (the other parts copied from OUT), so one run gives the curve of
+  // `vdit eval shapes --model` over its steps. Snapshots are not part of the model.
+  std::int64_t dit_snapshot_every = 0;
   // What the DiT outputs, written to the model's scheduler config as its prediction_type:
   // "flow_prediction" (the velocity noise - x0, as every released Wan2.1 model and the shipped demo
   // DiT) or "sample" (the clean latent x0). Either way the loss is on the velocity: a sample
