@@ -47,6 +47,19 @@ WanDiTConfig dit_config_for(const WanModelFiles& files, const std::vector<std::s
   return files.dit_config.empty() ? WanDiTConfig::infer_from_weights(weights) : WanDiTConfig::from_file(files.dit_config);
 }
 
+// A DiT of `config` holding `weights`, on `device` in `dtype`, ready for inference.
+std::shared_ptr<WanDiTImpl> load_inference_dit(const WanDiTConfig& config,
+                                               const std::vector<std::shared_ptr<WeightFile>>& weights, at::Device device,
+                                               at::ScalarType dtype) {
+  WanDiT model(config);
+  model->to(device);
+  load_wan_dit_weights(model, weights, dtype);
+  model->eval();
+  return model.ptr();
+}
+
+const char* const kNeedsGuideDit = "--autoguidance needs a guide DiT (--guide-dit, or guide_dit in the model's vdit-demo.json)";
+
 }  // namespace
 
 void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
@@ -190,18 +203,14 @@ void WanT2VPipeline::load_dit() {
   const std::vector<std::shared_ptr<WeightFile>> weights = open_weights(files_.dit);
   const WanDiTConfig config = dit_config_for(files_, weights);
   log_verbose("loading DiT " + files_.dit.front());
-  WanDiT model(config);
-  model->to(options_.device);
-  load_wan_dit_weights(model, weights, options_.dtype);
-  model->eval();
-  dit_ = model.ptr();
+  dit_ = load_inference_dit(config, weights, options_.device, options_.dtype);
   times_.load += seconds_since(t0);
 }
 
 void WanT2VPipeline::load_guide_dit() {
   if (guide_dit_) return;
   const std::string& path = options_.guide_dit;
-  if (path.empty()) throw InputError("autoguidance needs a guide DiT (--guide-dit)");
+  if (path.empty()) throw InputError(kNeedsGuideDit);
   const auto t0 = std::chrono::steady_clock::now();
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -220,10 +229,8 @@ void WanT2VPipeline::load_guide_dit() {
       config_file = located.dit_config;
     }
     if (files.empty() || files.front().empty()) throw InputError(path + ": no DiT weights found for the guide DiT");
-  } else if (fs::exists(path, ec)) {
-    files = {path};
   } else {
-    throw InputError(path + ": no such guide DiT file or directory");
+    files = {path};  // the constructor checked that it exists
   }
   const std::vector<std::shared_ptr<WeightFile>> weights = open_weights(files);
   const WanDiTConfig& main = dit_->config;
@@ -241,11 +248,7 @@ void WanT2VPipeline::load_guide_dit() {
       config.text_dim != main.text_dim)
     throw InputError(path + ": the guide DiT does not match the model's DiT (latent channels, patch and text width must agree)");
   log_verbose("loading guide DiT " + files.front());
-  WanDiT model(config);
-  model->to(options_.device);
-  load_wan_dit_weights(model, weights, options_.dtype);
-  model->eval();
-  guide_dit_ = model.ptr();
+  guide_dit_ = load_inference_dit(config, weights, options_.device, options_.dtype);
   times_.load += seconds_since(t0);
 }
 
@@ -260,6 +263,11 @@ void WanT2VPipeline::load_vae() {
   vae->eval();
   vae_ = vae;
   times_.load += seconds_since(t0);
+}
+
+void WanT2VPipeline::validate(const T2VSettings& settings) {
+  validate_t2v_settings(settings, latent_geometry());
+  if (settings.autoguidance != 1.0 && options_.guide_dit.empty()) throw InputError(kNeedsGuideDit);
 }
 
 void WanT2VPipeline::release_dit() {
@@ -345,7 +353,7 @@ at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
 
 T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
   const LatentGeometry& geometry = latent_geometry();
-  validate_t2v_settings(settings, geometry);
+  validate(settings);
   if (settings.strength < 1.0)
     throw InputError("strength below 1 needs an input clip: noise its latent with add_noise and call denoise()");
   times_ = StageTimes{};

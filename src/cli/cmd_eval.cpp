@@ -184,15 +184,13 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     WanT2VOptions options;
     options.device = parse_device(global.device);
     options.guide_dit = o.guide_dit;
-    if (o.autoguidance != 1.0 && o.guide_dit.empty())
-      throw InputError("--autoguidance needs a guide DiT (--guide-dit, or guide_dit in the model's vdit-demo.json)");
     if (!o.round_trip) {  // the compute dtype is the DiT's and text encoder's; the VAE runs in f32
       options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
       check_compute_dtype(options.dtype, options.device);
     }
     install_interrupt_cleanup();
     pipeline.emplace(files, options);
-    validate_t2v_settings(settings, pipeline->latent_geometry());
+    pipeline->validate(settings);
   }
   // --strength: the sigma every clip's rendered latent is noised to, where its schedule starts.
   double start_sigma = 1.0;

@@ -183,8 +183,6 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     WanT2VOptions options;
     options.device = parse_device(global.device);
     options.guide_dit = o->guide_dit;
-    if (o->autoguidance != 1.0 && o->guide_dit.empty())
-      throw InputError("--autoguidance needs a guide DiT (--guide-dit, or guide_dit in the model's vdit-demo.json)");
     options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
     check_compute_dtype(options.dtype, options.device);
     if (!o->text_encoder_device.empty()) {
@@ -199,12 +197,12 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     // The size rules depend on the model (VAE strides, DiT patch), read from its configs; no
     // weights are loaded before the settings pass.
     WanT2VPipeline pipeline(files, options);
-    validate_t2v_settings(settings, pipeline.latent_geometry());
+    pipeline.validate(settings);
     if (!o->noise_file.empty()) {
       auto file = SafetensorsFile::open(o->noise_file);
       if (!file->find("noise")) throw InputError(o->noise_file + ": no tensor named 'noise'");
       settings.noise = file->tensor("noise").to(at::kFloat).clone();
-      validate_t2v_settings(settings, pipeline.latent_geometry());
+      pipeline.validate(settings);
     }
     install_interrupt_cleanup();
 

@@ -930,7 +930,7 @@ GeneratedDecoderPairs generate_decoder_pairs(const std::string& model_dir, const
   settings.steps = static_cast<int>(config.sample_steps);
   settings.guidance = config.sample_guidance;
   settings.shift = config.sample_shift;
-  validate_t2v_settings(settings, pipeline.latent_geometry());
+  pipeline.validate(settings);
   // Every caption once, and "" (the unconditional caption the DiT was trained with).
   std::vector<std::string> prompts;
   for (const auto& c : shapes::Caption::all()) prompts.push_back(c.text());

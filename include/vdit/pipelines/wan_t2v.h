@@ -111,6 +111,9 @@ class WanT2VPipeline {
   at::Tensor encode(const at::Tensor& video);
   // Latent [C, F', h, w] -> video [3, F, H, W] in [-1, 1]; loads the VAE if needed.
   at::Tensor decode(const at::Tensor& latent);
+  // validate_t2v_settings for this model's latent geometry, plus the checks that need the options:
+  // autoguidance needs a guide DiT. Reads configs only; no weights are loaded.
+  void validate(const T2VSettings& settings);
   // The whole run. Stage times are filled in.
   T2VResult generate(const T2VSettings& settings, const StepCallback& on_step = {});
 
