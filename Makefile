@@ -49,10 +49,12 @@ train-demo: build
 # The candidate recipe (not yet the shipped model; README, demo model): the 4x-spatial,
 # 2x-temporal VAE and its DiT in one run, then the decoder fine-tuned on that DiT's own samples.
 # Writes DEMO_4S2T_OUT; judge it with `vdit eval shapes --model DIR --clips 100 --seed 1000`.
+# DEMO_DEVICE=cuda trains the VAE and DiT stages on the GPU (the same draws as on the CPU).
 DEMO_4S2T_OUT ?= build/shapes-4s2t
+DEMO_DEVICE ?= cpu
 train-demo-4s2t: build
-	./$(BUILD_DIR)/vdit train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t.json
-	./$(BUILD_DIR)/vdit train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
+	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t.json
+	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 1800

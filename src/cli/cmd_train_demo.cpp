@@ -48,7 +48,7 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
                   "also learns to draw as their captions ask (config decoder_generated_clips; 0: off)");
   cmd->add_flag("--resume", args->options.resume, "Continue from OUT/train-state");
   cmd->callback([args, &global] {
-    // The global --device: where the DiT stage trains (the other stages run on the CPU).
+    // The global --device: where the VAE and DiT stages train (the tokenizer's runs on the CPU).
     args->options.device = parse_device(global.device);
     demo::DemoTrainConfig config = args->train_config.empty() ? demo::DemoTrainConfig::from_json(nlohmann::json::object())
                                                               : demo::DemoTrainConfig::from_file(args->train_config);

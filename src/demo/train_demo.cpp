@@ -256,6 +256,22 @@ void copy_parameters(torch::nn::Module& from, torch::nn::Module& to) {
   for (auto& p : to.named_parameters()) p.value().copy_(src[p.key()]);
 }
 
+// A loaded optimizer keeps its moments on the device they were saved from; a state resumes on any.
+void move_adamw_state(torch::optim::AdamW& optimizer, at::Device device) {
+  for (auto& entry : optimizer.state()) {
+    auto& st = static_cast<torch::optim::AdamWParamState&>(*entry.second);
+    st.exp_avg(st.exp_avg().to(device));
+    st.exp_avg_sq(st.exp_avg_sq().to(device));
+    if (st.max_exp_avg_sq().defined()) st.max_exp_avg_sq(st.max_exp_avg_sq().to(device));
+  }
+}
+
+// Where a module's weights live (the CPU for one without parameters).
+at::Device module_device(torch::nn::Module& m) {
+  const auto params = m.parameters();
+  return params.empty() ? at::Device(at::kCPU) : params.front().device();
+}
+
 }  // namespace
 
 // ---- config -------------------------------------------------------------------------------------
@@ -675,8 +691,8 @@ at::Tensor vae_reconstruction_loss(const at::Tensor& recon, const at::Tensor& vi
   return loss;
 }
 
-VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed)
-    : config_(config), data_rng_(seed), noise_gen_(at::make_generator<at::CPUGeneratorImpl>(seed + 1)) {
+VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed, at::Device device)
+    : config_(config), device_(device), data_rng_(seed), noise_gen_(at::make_generator<at::CPUGeneratorImpl>(seed + 1)) {
   torch::manual_seed(seed);
   vae_ = WanVAE(unnormalised(config.vae));
   vae_->train();
@@ -685,11 +701,12 @@ VAETrainer::VAETrainer(const DemoTrainConfig& config, std::uint64_t seed)
     const std::int64_t z = config.vae.z_dim;
     vae_->named_parameters()["conv1.bias"].narrow(0, z, z).fill_(config.vae_logvar_init);
   }
+  vae_->to(device_);
   trained_ = vae_->parameters();
   if (config.vae_shape_probe_weight > 0) {
     // Drawn after the VAE's own initialisation, so the VAE starts as it does without a probe.
-    probe_weight_ = (0.01 * torch::randn({shapes::kShapes, config.vae.z_dim})).set_requires_grad(true);
-    probe_bias_ = torch::zeros({shapes::kShapes}).set_requires_grad(true);
+    probe_weight_ = (0.01 * torch::randn({shapes::kShapes, config.vae.z_dim})).to(device_).set_requires_grad(true);
+    probe_bias_ = torch::zeros({shapes::kShapes}, at::device(device_)).set_requires_grad(true);
     trained_.push_back(probe_weight_);
     trained_.push_back(probe_bias_);
   }
@@ -716,7 +733,7 @@ VAEStepResult VAETrainer::step(double lr_scale) {
   auto batch = shapes::random_batch(config_.vae_batch, config_.frames, config_.width, config_.height, data_rng_);
   DemoTrainConfig window = config_;
   if (decoder_phase_) window.vae_frames = config_.vae_decoder_frames;
-  const at::Tensor video = vae_training_window(batch.video, window, data_rng_);
+  const at::Tensor video = vae_training_window(batch.video, window, data_rng_).to(device_);
   at::Tensor mu, logvar;
   {
     // The frozen encoder needs no graph: the decoder phase's backward stops at the latent.
@@ -724,11 +741,12 @@ VAEStepResult VAETrainer::step(double lr_scale) {
     std::tie(mu, logvar) = vae_->encode_moments(video);
   }
   logvar = logvar.clamp(-30.0, 20.0);
-  const at::Tensor eps = at::randn(mu.sizes(), noise_gen_, mu.options());
+  // Drawn on the CPU generator and copied: the same draws on every device.
+  const at::Tensor eps = at::randn(mu.sizes(), noise_gen_, at::kFloat).to(device_);
   at::Tensor z = mu + at::exp(0.5 * logvar) * eps;
   if (config_.vae_latent_noise > 0) {
     const at::Tensor spread = mu.detach().std({0, 2, 3, 4}, /*unbiased=*/false, /*keepdim=*/true);
-    z = z + config_.vae_latent_noise * spread * at::randn(mu.sizes(), noise_gen_, mu.options());
+    z = z + config_.vae_latent_noise * spread * at::randn(mu.sizes(), noise_gen_, at::kFloat).to(device_);
   }
   const at::Tensor recon = vae_->decode_unclamped(z);
   at::Tensor recon_loss = vae_reconstruction_loss(recon, video, config_);
@@ -772,7 +790,7 @@ VAEStepResult VAETrainer::step(double lr_scale) {
                                  .squeeze(1);  // [B, F', h, w]
     std::vector<std::int64_t> shape_ids;
     for (const auto& c : batch.captions) shape_ids.push_back(static_cast<std::int64_t>(c.shape));
-    const at::Tensor labels = at::tensor(shape_ids, at::kLong).view({-1, 1, 1, 1}).expand_as(cells);
+    const at::Tensor labels = at::tensor(shape_ids, at::kLong).to(device_).view({-1, 1, 1, 1}).expand_as(cells);
     const std::int64_t z = mu.size(1);
     const at::Tensor logits =
         at::conv3d(mu, probe_weight_.view({shapes::kShapes, z, 1, 1, 1}), probe_bias_);  // [B, 3, F', h, w]
@@ -822,6 +840,7 @@ void VAETrainer::load_state(const std::string& path) {
   ar.read("model", model);
   ar.read("optim", optim);
   vae_->load(model);
+  vae_->to(device_);
   if (probe_weight_.defined() && !decoder_phase_) {
     at::Tensor w, b;
     if (!ar.try_read("probe_weight", w) || !ar.try_read("probe_bias", b))
@@ -831,6 +850,7 @@ void VAETrainer::load_state(const std::string& path) {
     probe_bias_.copy_(b);
   }
   optimizer_->load(optim);
+  move_adamw_state(*optimizer_, device_);
   step_ = read_int(ar, "step");
   read_rng(ar, data_rng_, noise_gen_);
 }
@@ -840,6 +860,7 @@ void VAETrainer::load_weights(const std::string& path) {
   ar.load_from(path);
   ar.read("model", model);
   vae_->load(model);
+  vae_->to(device_);
 }
 
 void VAETrainer::load_finished_vae(WanVAE& finished, const std::string& source) {
@@ -971,8 +992,8 @@ GeneratedDecoderPairs generate_decoder_pairs(const std::string& model_dir, const
 void VAETrainer::set_generated_pairs(const GeneratedDecoderPairs& pairs) {
   if (!pairs.latents.defined() || pairs.latents.size(0) != pairs.targets.size(0) || pairs.latents.size(0) == 0)
     throw InputError("decoder pairs: latents and targets must be non-empty and of the same count");
-  generated_latents_ = pairs.latents;
-  generated_targets_ = pairs.targets;
+  generated_latents_ = pairs.latents.to(device_);
+  generated_targets_ = pairs.targets.to(device_);
   // The crop centres, once: bounding-box centre of the object in each target's middle frame (the
   // frame centre where it has none).
   generated_centres_.clear();
@@ -989,6 +1010,7 @@ void VAETrainer::set_generated_pairs(const GeneratedDecoderPairs& pairs) {
 shapes::JudgeSummary judge_round_trip(WanVAE& vae, const DemoTrainConfig& config, std::int64_t clips, std::uint64_t seed) {
   torch::NoGradGuard no_grad;
   std::mt19937_64 rng(seed);
+  const at::Device device = module_device(*vae);
   shapes::JudgeSummary summary;
   for (std::int64_t done = 0; done < clips;) {
     const std::int64_t n = std::min<std::int64_t>(8, clips - done);
@@ -996,8 +1018,8 @@ shapes::JudgeSummary judge_round_trip(WanVAE& vae, const DemoTrainConfig& config
     // which a 30-clip random draw does not.
     auto batch = shapes::random_batch(n, config.frames, config.width, config.height, rng,
                                       static_cast<int>(done % shapes::kColours));
-    const at::Tensor mu = vae->encode_moments(batch.video).first;
-    const at::Tensor decoded = vae->decode_unclamped(mu).clamp(-1.0, 1.0);
+    const at::Tensor mu = vae->encode_moments(batch.video.to(device)).first;
+    const at::Tensor decoded = vae->decode_unclamped(mu).clamp(-1.0, 1.0).to(at::kCPU);
     for (std::int64_t i = 0; i < n; ++i) summary.add(batch.captions[i], shapes::judge_clip(decoded[i]));
     done += n;
   }
@@ -1009,12 +1031,13 @@ std::pair<std::vector<float>, std::vector<float>> measure_latent_stats(WanVAE& v
   torch::NoGradGuard no_grad;
   std::mt19937_64 rng(seed);
   const std::int64_t z = vae->config().z_dim;
+  const at::Device device = module_device(*vae);
   at::Tensor sum = at::zeros({z}, at::kDouble), sumsq = at::zeros({z}, at::kDouble);
   std::int64_t count = 0;
   for (std::int64_t done = 0; done < clips;) {
     const std::int64_t n = std::min<std::int64_t>(16, clips - done);
     auto batch = shapes::random_batch(n, config.frames, config.width, config.height, rng);
-    const at::Tensor mu = vae->encode_moments(batch.video).first.to(at::kDouble);
+    const at::Tensor mu = vae->encode_moments(batch.video.to(device)).first.to(at::kCPU, at::kDouble);
     sum += mu.sum({0, 2, 3, 4});
     sumsq += mu.pow(2).sum({0, 2, 3, 4});
     count += mu.numel() / z;
@@ -1285,12 +1308,7 @@ void DiTTrainer::load_state(const std::string& path) {
   dit_->to(device_);
   ema_->to(device_);
   optimizer_->load(optim);
-  for (auto& entry : optimizer_->state()) {
-    auto& st = static_cast<torch::optim::AdamWParamState&>(*entry.second);
-    st.exp_avg(st.exp_avg().to(device_));
-    st.exp_avg_sq(st.exp_avg_sq().to(device_));
-    if (st.max_exp_avg_sq().defined()) st.max_exp_avg_sq(st.max_exp_avg_sq().to(device_));
-  }
+  move_adamw_state(*optimizer_, device_);
   step_ = read_int(ar, "step");
   at::Tensor pool;
   if (ar.try_read("pool", pool)) {
@@ -1453,7 +1471,8 @@ void run_vae_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
   if (decoder_only && !decoder_phase)
     throw InputError("train-demo: the vae-decoder stage needs vae_decoder_steps or vae_decoder_minutes above 0");
   const bool resume_decoder = options.resume && decoder_phase && fs::exists(decoder_state);
-  VAETrainer trainer(config, config.seed * 1000 + 1);
+  VAETrainer trainer(config, config.seed * 1000 + 1, options.device);
+  if (!options.device.is_cpu()) log_info("vae: training on " + options.device.str() + " (f32)");
   // One phase: resume from its state file when asked, train to its budget (the elapsed time rides
   // along so a minutes budget counts over resumed runs), log the result.
   auto train_phase = [&](const std::string& name, const std::string& state_path, const Budget& budget,

@@ -206,9 +206,10 @@ struct DemoTrainOptions {
   std::string dit_from;
   bool resume = false;
   bool quiet_progress = false;
-  // Where the DiT stage trains (the tokenizer and VAE stages run on the CPU). On a GPU the DiT
-  // trains in f32 (bf16_autocast is a CPU setting); noise and data are drawn on the CPU either
-  // way, so a run's random draws do not depend on the device. A train-state resumes on any device.
+  // Where the VAE and DiT stages train (the tokenizer stage and the decoder-pairs generation run
+  // on the CPU). On a GPU they train in f32 (bf16_autocast is a CPU setting); noise and data are
+  // drawn on the CPU either way, so a run's random draws do not depend on the device. A
+  // train-state resumes on any device.
   at::Device device = at::kCPU;
 };
 
@@ -274,7 +275,10 @@ GeneratedDecoderPairs generate_decoder_pairs(const std::string& model_dir, const
 
 class VAETrainer {
  public:
-  VAETrainer(const DemoTrainConfig& config, std::uint64_t seed);
+  // The VAE (and the shape probe) train on `device`. Weights are initialised and clips and noise
+  // drawn on the CPU, then moved, so a run draws the same data on every device; a state saved on
+  // one device resumes on another.
+  VAETrainer(const DemoTrainConfig& config, std::uint64_t seed, at::Device device = at::kCPU);
   // One step at learning rate vae_lr * lr_scale (the stage passes its warm-up/cosine schedule).
   VAEStepResult step(double lr_scale = 1.0);
   // Freezes the encoder and conv1, restarts the step count and gives the decoder and conv2 a
@@ -297,6 +301,7 @@ class VAETrainer {
 
  private:
   DemoTrainConfig config_;
+  at::Device device_;
   bool decoder_phase_ = false;
   WanVAE vae_{nullptr};
   std::vector<at::Tensor> trained_;  // the parameters the optimizer updates (and clips)
