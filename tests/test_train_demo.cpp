@@ -332,6 +332,17 @@ static double parameter_distance(torch::nn::Module& a, torch::nn::Module& b) {
   return std::sqrt(num / den);
 }
 
+// Steps both trainers `steps` times and checks each pair of losses agrees within 1e-3 relative
+// to the reference's (the cross-device tolerance: the draws are the same, the rounding is not).
+template <typename Trainer, typename Other>
+static void check_losses_agree(Trainer& reference, Other& other, int steps, const std::string& what) {
+  for (int i = 0; i < steps; ++i) {
+    const double expected = reference.step().loss, got = other.step().loss;
+    INFO(what << " step " << i << ": reference " << expected << ", other " << got);
+    CHECK(std::abs(expected - got) <= 1e-3 * std::abs(expected));
+  }
+}
+
 TEST_CASE("train-demo: the DiT trains on a GPU like on the CPU, and its state resumes on the CPU", "[train]") {
   if (!at::hasCUDA()) {
     WARN("no CUDA device: the GPU DiT training check did not run");
@@ -352,11 +363,7 @@ TEST_CASE("train-demo: the DiT trains on a GPU like on the CPU, and its state re
   // Same data and noise draws (both from CPU generators); the results differ by the devices'
   // rounding only. Tolerance: 1e-3 relative over 6 steps of Adam at the micro config's rate
   // (passed on an H200; the differences themselves were not recorded).
-  for (int i = 0; i < 6; ++i) {
-    const double lc = cpu.step().loss, lg = gpu.step().loss;
-    INFO("step " << i << " cpu " << lc << " gpu " << lg);
-    CHECK(std::abs(lc - lg) <= 1e-3 * std::abs(lc));
-  }
+  check_losses_agree(cpu, gpu, 6, "cpu vs gpu");
   CHECK(parameter_distance(*gpu.dit(), *cpu.dit()) < 1e-3);
   CHECK(parameter_distance(*gpu.ema(), *cpu.ema()) < 1e-3);
   // A GPU train-state continues on the CPU (weights, optimizer moments and pool move over).
@@ -364,11 +371,7 @@ TEST_CASE("train-demo: the DiT trains on a GPU like on the CPU, and its state re
   DiTTrainer resumed(c, vae, ctx, null_ctx, 13, at::kCPU);
   resumed.load_state((dir / "dit.pt").string());
   CHECK(resumed.steps_done() == 6);
-  for (int i = 0; i < 2; ++i) {
-    const double lc = cpu.step().loss, lr = resumed.step().loss;
-    INFO("resumed step " << i << " cpu " << lc << " resumed " << lr);
-    CHECK(std::abs(lc - lr) <= 1e-3 * std::abs(lc));
-  }
+  check_losses_agree(cpu, resumed, 2, "cpu vs resumed");
   CHECK(parameter_distance(*resumed.dit(), *cpu.dit()) < 1e-3);
   fs::remove_all(dir);
 }
@@ -385,18 +388,10 @@ TEST_CASE("train-demo: the VAE trains on a GPU like on the CPU, both phases, and
   // Same initial weights, data and noise (all drawn on the CPU); the results differ by the
   // devices' rounding only. Tolerance as for the DiT: 1e-3 relative over a few Adam steps.
   CHECK(parameter_distance(*gpu.vae(), *cpu.vae()) == 0.0);
-  for (int i = 0; i < 4; ++i) {
-    const double lc = cpu.step().loss, lg = gpu.step().loss;
-    INFO("first phase step " << i << " cpu " << lc << " gpu " << lg);
-    CHECK(std::abs(lc - lg) <= 1e-3 * std::abs(lc));
-  }
+  check_losses_agree(cpu, gpu, 4, "first phase, cpu vs gpu");
   cpu.start_decoder_phase();
   gpu.start_decoder_phase();
-  for (int i = 0; i < 2; ++i) {
-    const double lc = cpu.step().loss, lg = gpu.step().loss;
-    INFO("decoder step " << i << " cpu " << lc << " gpu " << lg);
-    CHECK(std::abs(lc - lg) <= 1e-3 * std::abs(lc));
-  }
+  check_losses_agree(cpu, gpu, 2, "decoder phase, cpu vs gpu");
   CHECK(parameter_distance(*gpu.vae(), *cpu.vae()) < 1e-3);
   // The round-trip judge and the latent statistics run where the VAE is.
   CHECK(judge_round_trip(gpu.vae(), c, 4, 9).clips == 4);
@@ -408,11 +403,7 @@ TEST_CASE("train-demo: the VAE trains on a GPU like on the CPU, both phases, and
   resumed.start_decoder_phase();
   resumed.load_state((dir / "vae.pt").string());
   CHECK(resumed.steps_done() == 2);
-  for (int i = 0; i < 2; ++i) {
-    const double lc = cpu.step().loss, lr = resumed.step().loss;
-    INFO("resumed step " << i << " cpu " << lc << " resumed " << lr);
-    CHECK(std::abs(lc - lr) <= 1e-3 * std::abs(lc));
-  }
+  check_losses_agree(cpu, resumed, 2, "decoder phase, cpu vs resumed");
   fs::remove_all(dir);
 }
 
