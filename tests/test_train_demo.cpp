@@ -800,6 +800,93 @@ TEST_CASE("train-demo: a sample-predicting DiT's loss is the velocity loss above
   CHECK(mean_of(loss, 35, 5) < 0.9 * mean_of(loss, 0, 5));
 }
 
+TEST_CASE("train-demo: the pixel term's window centres on the object, moves inwards at borders and cuts every latent alike",
+          "[train]") {
+  const at::Tensor latent = at::arange(3 * 4 * 2 * 10 * 12, at::kFloat).view({3, 4, 2, 10, 12});
+  const at::Tensor other = -latent;
+  at::Tensor mask = at::zeros({3, 1, 2, 10, 12});
+  mask[0].narrow(2, 5, 1).narrow(3, 6, 1).fill_(1);   // clip 0: one cell at row 5, column 6, both frames
+  mask[1][0][1][0][11].fill_(1);                      // clip 1: the top-right corner, frame 1 only
+  // clip 2: no object -> the frame centre
+  const auto crops = crop_latents_around_object({latent, other}, mask, 3);
+  REQUIRE(crops.size() == 2);
+  REQUIRE(crops[0].sizes() == at::IntArrayRef({3, 4, 2, 3, 3}));
+  // Expected first cells: centred (row 5 - 1, column 6 - 1); clamped to (0, 12 - 3); the centre
+  // (4.5 - 1, 5.5 - 1) rounded half away from zero.
+  const std::int64_t y0[] = {4, 0, 4}, x0[] = {5, 9, 5};
+  for (std::int64_t b = 0; b < 3; ++b) {
+    INFO("clip " << b);
+    CHECK(at::equal(crops[0][b], latent[b].narrow(2, y0[b], 3).narrow(3, x0[b], 3)));
+    CHECK(at::equal(crops[1][b], -crops[0][b]));
+  }
+  CHECK_THROWS_AS(crop_latents_around_object({latent}, mask, 11), vdit::InputError);
+}
+
+TEST_CASE("train-demo: the DiT's pixel term is zero on the true latent and sends its gradient to the estimate only",
+          "[train]") {
+  DemoTrainConfig c = micro_config();
+  torch::manual_seed(0);
+  WanVAE vae(c.vae);
+  vae->eval();
+  at::manual_seed(4);
+  const at::Tensor x0 = at::randn({2, c.vae.z_dim, 2, 4, 4});
+  // Zero up to rounding: the graph-building decode and the no-grad one may take different
+  // convolution paths (measured 1.3e-7 here), against > 1e-2 for the error below.
+  CHECK(dit_pixel_loss(vae, x0, x0).item<double>() < 1e-6);
+  const at::Tensor x0_pred = (x0 + 0.3 * at::randn_like(x0)).requires_grad_(true);
+  const at::Tensor loss = dit_pixel_loss(vae, x0_pred, x0);
+  CHECK(loss.item<double>() > 0);
+  // The mean of |d| + 2 d^2 over the decoded pixels, as documented.
+  at::Tensor d;
+  {
+    torch::NoGradGuard g;
+    d = vae->decode_unclamped(x0_pred) - vae->decode_unclamped(x0);
+  }
+  CHECK(loss.item<double>() == Approx((d.abs() + 2 * d.pow(2)).mean().item<double>()).epsilon(1e-5));
+  loss.backward();
+  REQUIRE(x0_pred.grad().defined());
+  CHECK(x0_pred.grad().abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("train-demo: the pixel term adds exactly its weighted value to the DiT's loss and is off by default", "[train]") {
+  DemoTrainConfig plain = micro_config();
+  plain.bf16_autocast = DemoTrainConfig::Bf16Autocast::Off;
+  CHECK(plain.dit_pixel_weight == 0);
+  DemoTrainConfig pixel = plain;
+  pixel.dit_pixel_weight = 3;
+  pixel.dit_pixel_max_sigma = 1;  // every clip qualifies
+  pixel.dit_pixel_samples = 2;
+  pixel.dit_pixel_crop = 4;       // of the 8x8 latent of a 32x32 clip
+  torch::manual_seed(0);
+  WanVAE vae(plain.vae);
+  auto [ctx, null_ctx] = random_contexts(plain);
+  DiTTrainer a(plain, vae, ctx, null_ctx, 21), b(pixel, vae, ctx, null_ctx, 21);
+  // Same initial weights, batch and noise: the first forward is the same, so the losses differ by
+  // exactly the weighted pixel term.
+  const DiTStepResult ra = a.step(), rb = b.step();
+  CHECK(ra.pixel_loss == 0);
+  CHECK(rb.pixel_loss > 0);
+  CHECK(rb.loss == Approx(ra.loss + 3 * rb.pixel_loss).epsilon(1e-5));
+  // ... and the term's gradient changed the update.
+  CHECK_FALSE(same_parameters(*a.dit(), *b.dit()));
+
+  // Read, written and checked like the other settings.
+  const DemoTrainConfig read = DemoTrainConfig::from_json(pixel.to_json());
+  CHECK(read.dit_pixel_weight == 3);
+  CHECK(read.dit_pixel_max_sigma == 1);
+  CHECK(read.dit_pixel_samples == 2);
+  CHECK(read.dit_pixel_crop == 4);
+  nlohmann::json bad = pixel.to_json();
+  bad["dit_pixel_crop"] = 9;  // 9 cells x stride 4 > 32 pixels
+  CHECK_THROWS_AS(DemoTrainConfig::from_json(bad), vdit::InputError);
+  bad = pixel.to_json();
+  bad["dit_pixel_max_sigma"] = 0;
+  CHECK_THROWS_AS(DemoTrainConfig::from_json(bad), vdit::InputError);
+  bad = pixel.to_json();
+  bad["dit_pixel_weight"] = -1;
+  CHECK_THROWS_AS(DemoTrainConfig::from_json(bad), vdit::InputError);
+}
+
 TEST_CASE("train-demo: the latent object mask covers exactly the latent cells of the object, grown by one", "[train]") {
   std::mt19937_64 rng(8);
   const shapes::ClipBatch batch = shapes::random_batch(3, 9, 64, 64, rng);

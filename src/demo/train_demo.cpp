@@ -391,6 +391,10 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   get("pool_size", c.pool_size);
   get("pool_refresh", c.pool_refresh);
   get("dit_object_weight", c.dit_object_weight);
+  get("dit_pixel_weight", c.dit_pixel_weight);
+  get("dit_pixel_max_sigma", c.dit_pixel_max_sigma);
+  get("dit_pixel_samples", c.dit_pixel_samples);
+  get("dit_pixel_crop", c.dit_pixel_crop);
   get("dit_steps", c.dit_steps);
   get("dit_minutes", c.dit_minutes);
   if (j.contains("bf16_autocast")) {
@@ -430,6 +434,13 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   if (c.decoder_generated_clips < 0 || c.decoder_generated_batch < 0 || !(c.decoder_generated_weight >= 0))
     throw InputError("demo training config: decoder_generated_clips, decoder_generated_batch and decoder_generated_weight must be >= 0");
   if (c.dit_object_weight < 0) throw InputError("demo training config: dit_object_weight must be >= 0");
+  if (!(c.dit_pixel_weight >= 0) || !(c.dit_pixel_max_sigma > 0 && c.dit_pixel_max_sigma <= 1) ||
+      c.dit_pixel_samples < 0)
+    throw InputError("demo training config: dit_pixel_weight must be >= 0, dit_pixel_max_sigma in (0, 1], dit_pixel_samples >= 0");
+  if (c.dit_pixel_weight > 0) {
+    if (c.dit_pixel_crop < 1 || c.dit_pixel_crop * c.vae.spatial_stride() > std::min(c.width, c.height))
+      throw InputError("demo training config: dit_pixel_crop must be >= 1 latent cell and fit in the frame");
+  }
   if (c.dit_snapshot_every < 0) throw InputError("demo training config: dit_snapshot_every must be >= 0");
   if (!(c.dit_lr_final > 0 && c.dit_lr_final <= 1)) throw InputError("demo training config: dit_lr_final must be in (0, 1]");
   if (c.dit_prediction != "flow_prediction" && c.dit_prediction != "sample")
@@ -501,6 +512,10 @@ nlohmann::json DemoTrainConfig::to_json() const {
   j["pool_size"] = pool_size;
   j["pool_refresh"] = pool_refresh;
   j["dit_object_weight"] = dit_object_weight;
+  j["dit_pixel_weight"] = dit_pixel_weight;
+  j["dit_pixel_max_sigma"] = dit_pixel_max_sigma;
+  j["dit_pixel_samples"] = dit_pixel_samples;
+  j["dit_pixel_crop"] = dit_pixel_crop;
   j["dit_steps"] = dit_steps;
   j["dit_minutes"] = dit_minutes;
   if (bf16_autocast == Bf16Autocast::Auto) {
@@ -611,6 +626,43 @@ at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const
   if (object_weight == 0) return err.mean();
   const at::Tensor w = (1.0 + object_weight * mask).expand_as(err);
   return (w * err).mean() / w.mean();
+}
+
+std::vector<at::Tensor> crop_latents_around_object(const std::vector<at::Tensor>& latents, const at::Tensor& mask,
+                                                   std::int64_t crop) {
+  if (mask.dim() != 5) throw InputError("crop around object: mask must be [B, 1, F', h, w]");
+  const std::int64_t B = mask.size(0), h = mask.size(3), w = mask.size(4);
+  if (crop < 1 || crop > h || crop > w) throw InputError("crop around object: crop must be in [1, min(h, w)]");
+  // Per clip: the mean row and column of the object's cells over all latent frames.
+  const at::Tensor m = (mask > 0).to(at::kFloat).sum({1, 2}).cpu();  // [B, h, w]
+  const at::Tensor ys = at::arange(h, at::kFloat).view({1, h, 1}), xs = at::arange(w, at::kFloat).view({1, 1, w});
+  const at::Tensor area = m.sum({1, 2});
+  const at::Tensor cy = (m * ys).sum({1, 2}) / area.clamp_min(1), cx = (m * xs).sum({1, 2}) / area.clamp_min(1);
+  std::vector<std::vector<at::Tensor>> parts(latents.size());
+  for (std::int64_t b = 0; b < B; ++b) {
+    const bool empty = area[b].item<float>() == 0;
+    // The window's first cell so that its centre (crop - 1) / 2 lands on the object's centre.
+    const double y = empty ? (h - 1) / 2.0 : cy[b].item<float>(), x = empty ? (w - 1) / 2.0 : cx[b].item<float>();
+    const std::int64_t y0 = std::clamp<std::int64_t>(std::lround(y - (crop - 1) / 2.0), 0, h - crop);
+    const std::int64_t x0 = std::clamp<std::int64_t>(std::lround(x - (crop - 1) / 2.0), 0, w - crop);
+    for (std::size_t k = 0; k < latents.size(); ++k)
+      parts[k].push_back(latents[k].narrow(0, b, 1).narrow(3, y0, crop).narrow(4, x0, crop));
+  }
+  std::vector<at::Tensor> out;
+  for (auto& p : parts) out.push_back(at::cat(p, 0));
+  return out;
+}
+
+at::Tensor dit_pixel_loss(WanVAE& vae, const at::Tensor& x0_pred, const at::Tensor& x0) {
+  at::Tensor target;
+  {
+    torch::NoGradGuard no_grad;
+    target = vae->decode_unclamped(x0);
+  }
+  // Both unclamped: the loss is zero exactly when the latents are, and an overshoot past the
+  // colour range still has a gradient back.
+  const at::Tensor d = vae->decode_unclamped(x0_pred) - target;
+  return (d.abs() + 2.0 * d.pow(2)).mean();
 }
 
 std::pair<at::Tensor, at::Tensor> sample_prediction_velocities(const at::Tensor& x0_pred, const at::Tensor& x0,
@@ -1252,8 +1304,28 @@ DiTStepResult DiTTrainer::step(double lr_scale) {
   }
   at::Tensor velocity = pred.to(at::kFloat), velocity_target = target;
   if (config_.dit_prediction == "sample") std::tie(velocity, velocity_target) = sample_prediction_velocities(velocity, x0, xt, sv);
-  const at::Tensor loss = dit_flow_loss(velocity, velocity_target, pool_mask_.index_select(0, index).to(at::kFloat),
-                                        config_.dit_object_weight);
+  const at::Tensor mask = pool_mask_.index_select(0, index);
+  at::Tensor loss = dit_flow_loss(velocity, velocity_target, mask.to(at::kFloat), config_.dit_object_weight);
+  double pixel_loss = 0;
+  if (config_.dit_pixel_weight > 0 && config_.dit_pixel_samples > 0) {
+    // The first dit_pixel_samples clips below the sigma bound (the batch is already random).
+    const at::Tensor sigma_cpu = sigma.cpu();
+    std::vector<std::int64_t> chosen;
+    for (std::int64_t i = 0; i < B && static_cast<std::int64_t>(chosen.size()) < config_.dit_pixel_samples; ++i)
+      if (sigma_cpu[i].item<float>() < config_.dit_pixel_max_sigma) chosen.push_back(i);
+    if (!chosen.empty()) {
+      const at::Tensor sel = at::tensor(chosen).to(device_);
+      // x0^ = x_sigma - sigma v^ (for a sample-predicting DiT, its output).
+      const at::Tensor x0_pred = config_.dit_prediction == "sample"
+                                     ? pred.to(at::kFloat).index_select(0, sel)
+                                     : xt.index_select(0, sel) - sv.index_select(0, sel) * velocity.index_select(0, sel);
+      const auto crops = crop_latents_around_object({x0_pred, x0.index_select(0, sel)}, mask.index_select(0, sel),
+                                                    config_.dit_pixel_crop);
+      const at::Tensor pixel = dit_pixel_loss(vae_, crops[0], crops[1]);
+      loss = loss + config_.dit_pixel_weight * pixel;
+      pixel_loss = pixel.item<double>();
+    }
+  }
   optimizer_->zero_grad();
   loss.backward();
   if (config_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(dit_->parameters(), config_.grad_clip);
@@ -1267,7 +1339,7 @@ DiTStepResult DiTTrainer::step(double lr_scale) {
     for (auto& p : ema_->named_parameters()) p.value().mul_(d).add_(live[p.key()].detach(), 1.0 - d);
   }
   if (config_.pool_refresh > 0) refresh(config_.pool_refresh);
-  return {loss.item<double>()};
+  return {loss.item<double>(), pixel_loss};
 }
 
 void DiTTrainer::load_finished_dit(WanDiT& finished, const std::string& source) {
@@ -1625,10 +1697,10 @@ void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& option
                                 [&] {
                                   // dit_lr_final 1 (the shipped recipe) makes this exactly 1.
                                   const double scale = cosine_decay(budget.fraction(trainer.steps_done(), elapsed), config.dit_lr_final);
-                                  const double loss = trainer.step(scale).loss;
+                                  const DiTStepResult r = trainer.step(scale);
                                   if (config.dit_snapshot_every > 0 && trainer.steps_done() % config.dit_snapshot_every == 0)
                                     write_dit_snapshot(root, config, trainer.ema(), trainer.steps_done());
-                                  return std::make_pair(loss, std::string());
+                                  return std::make_pair(r.loss, config.dit_pixel_weight > 0 ? " pixel " + fmt(r.pixel_loss) : std::string());
                                 },
                                 save);
   log_info("dit: " + std::to_string(trainer.steps_done()) + " steps, " + format_duration(elapsed) + ", loss " + fmt(avg));

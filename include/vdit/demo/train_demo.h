@@ -156,6 +156,19 @@ struct DemoTrainConfig {
   // 3850 steps on the same VAE, 100 judged clips: 0 gave colour 49 % shape 33 % (45 clips), 8 gave
   // colour 83 % shape 48 % motion 95 % (colour then by the clip's median; see judge_clip).
   double dit_object_weight = 8;
+  // Pixel term (0: off, the shipped recipe): for up to dit_pixel_samples clips of each batch whose
+  // sigma is below dit_pixel_max_sigma, the DiT's clean-latent estimate x0^ = x_sigma - sigma v^ and
+  // the true latent x0 are cut to a dit_pixel_crop-cell square window around the object, both are
+  // decoded by the frozen VAE, and the mean of |d| + 2 d^2 over the decoded pixels (see
+  // dit_pixel_loss) times this weight joins the flow loss. The latent MSE weighs every latent
+  // direction alike, while the decoder turns some (a square's corners) into many more pixels than
+  // others; the pixel term weighs the DiT's errors by what they draw. Low sigma only, where x0 is
+  // nearly determined by x_sigma: at high noise x0^ is a blend of many clips and a pixel loss on it
+  // would fight the velocity target.
+  double dit_pixel_weight = 0;
+  double dit_pixel_max_sigma = 0.6;
+  std::int64_t dit_pixel_samples = 4;
+  std::int64_t dit_pixel_crop = 8;  // latent cells (x the VAE's spatial stride pixels)
   // A steps budget, so the DiT's length does not depend on the machine's speed (0: use dit_minutes).
   // The shipped DiT: 6570 steps, ~1.46 steps/s on the 2-core CPU with f32 RoPE (1 h 15 min).
   std::int64_t dit_steps = 6570;
@@ -333,7 +346,8 @@ void fold_latent_stats(WanVAE& vae, const std::vector<float>& mean, const std::v
 // The DiT stage: a frozen VAE and frozen text contexts, a pool of pre-encoded latents, AdamW,
 // EMA weights.
 struct DiTStepResult {
-  double loss = 0;
+  double loss = 0;        // what the optimizer minimised (flow loss, plus the weighted pixel term)
+  double pixel_loss = 0;  // the unweighted pixel term (0 when off or no clip of the batch qualified)
 };
 
 // Latent positions [B, 1, F', H/s, W/s] (f32 0/1) whose pixels hold any of the object in clips
@@ -354,6 +368,18 @@ at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const
 // exactly noise - x0, the velocity model's.
 std::pair<at::Tensor, at::Tensor> sample_prediction_velocities(const at::Tensor& x0_pred, const at::Tensor& x0,
                                                                const at::Tensor& noisy, const at::Tensor& sigma);
+
+// Square windows of `crop` latent cells, one per clip, of `latents` [B, C, F', h, w], centred on the
+// mean position of mask [B, 1, F', h, w] > 0 over all frames (the frame centre where the mask is
+// empty) and moved inwards at the borders; every tensor in `latents` is cut at the same place.
+// crop must be at most h and w.
+std::vector<at::Tensor> crop_latents_around_object(const std::vector<at::Tensor>& latents, const at::Tensor& mask,
+                                                   std::int64_t crop);
+
+// The DiT's pixel term (DemoTrainConfig::dit_pixel_weight): mean of |d| + 2 d^2 with
+// d = vae.decode_unclamped(x0_pred) - vae.decode_unclamped(x0); the target is decoded without a
+// graph, so only x0_pred receives a gradient.
+at::Tensor dit_pixel_loss(WanVAE& vae, const at::Tensor& x0_pred, const at::Tensor& x0);
 
 class DiTTrainer {
  public:
