@@ -628,23 +628,33 @@ at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const
   return (w * err).mean() / w.mean();
 }
 
+namespace {
+
+// The weighted mean row and column of each mask [B, H, W] (f32 weights, e.g. 0/1 or counts), and
+// (fallback_y, fallback_x) for a mask without weight: two [B] tensors on the mask's device.
+std::pair<at::Tensor, at::Tensor> mask_centres(const at::Tensor& mask, double fallback_y, double fallback_x) {
+  const std::int64_t h = mask.size(1), w = mask.size(2);
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(mask.device());
+  const at::Tensor ys = at::arange(h, opts).view({1, h, 1}), xs = at::arange(w, opts).view({1, 1, w});
+  const at::Tensor area = mask.sum({1, 2});
+  return {((mask * ys).sum({1, 2}) / area.clamp_min(1)).where(area > 0, at::full_like(area, fallback_y)),
+          ((mask * xs).sum({1, 2}) / area.clamp_min(1)).where(area > 0, at::full_like(area, fallback_x))};
+}
+
+}  // namespace
+
 std::vector<at::Tensor> crop_latents_around_object(const std::vector<at::Tensor>& latents, const at::Tensor& mask,
                                                    std::int64_t crop) {
   if (mask.dim() != 5) throw InputError("crop around object: mask must be [B, 1, F', h, w]");
   const std::int64_t B = mask.size(0), h = mask.size(3), w = mask.size(4);
   if (crop < 1 || crop > h || crop > w) throw InputError("crop around object: crop must be in [1, min(h, w)]");
   // Per clip: the mean row and column of the object's cells over all latent frames.
-  const at::Tensor m = (mask > 0).to(at::kFloat).sum({1, 2}).cpu();  // [B, h, w]
-  const at::Tensor ys = at::arange(h, at::kFloat).view({1, h, 1}), xs = at::arange(w, at::kFloat).view({1, 1, w});
-  const at::Tensor area = m.sum({1, 2});
-  const at::Tensor cy = (m * ys).sum({1, 2}) / area.clamp_min(1), cx = (m * xs).sum({1, 2}) / area.clamp_min(1);
+  const auto [cy, cx] = mask_centres((mask > 0).to(at::kFloat).sum({1, 2}).cpu(), (h - 1) / 2.0, (w - 1) / 2.0);
   std::vector<std::vector<at::Tensor>> parts(latents.size());
   for (std::int64_t b = 0; b < B; ++b) {
-    const bool empty = area[b].item<float>() == 0;
     // The window's first cell so that its centre (crop - 1) / 2 lands on the object's centre.
-    const double y = empty ? (h - 1) / 2.0 : cy[b].item<float>(), x = empty ? (w - 1) / 2.0 : cx[b].item<float>();
-    const std::int64_t y0 = std::clamp<std::int64_t>(std::lround(y - (crop - 1) / 2.0), 0, h - crop);
-    const std::int64_t x0 = std::clamp<std::int64_t>(std::lround(x - (crop - 1) / 2.0), 0, w - crop);
+    const std::int64_t y0 = std::clamp<std::int64_t>(std::lround(cy[b].item<float>() - (crop - 1) / 2.0), 0, h - crop);
+    const std::int64_t x0 = std::clamp<std::int64_t>(std::lround(cx[b].item<float>() - (crop - 1) / 2.0), 0, w - crop);
     for (std::size_t k = 0; k < latents.size(); ++k)
       parts[k].push_back(latents[k].narrow(0, b, 1).narrow(3, y0, crop).narrow(4, x0, crop));
   }
@@ -679,11 +689,7 @@ at::Tensor vae_training_window(const at::Tensor& video, const DemoTrainConfig& c
   if (crop == 0 || (crop >= h && crop >= w)) return out.contiguous();
   // The object's centre in the middle kept frame (the frame centre if it has none).
   const at::Tensor mask = object_mask(out.narrow(2, out.size(2) / 2, 1)).squeeze(2).squeeze(1);  // [B, H, W]
-  const auto opts = at::TensorOptions().dtype(at::kFloat).device(video.device());
-  const at::Tensor ys = at::arange(h, opts).view({1, h, 1}), xs = at::arange(w, opts).view({1, 1, w});
-  const at::Tensor area = mask.sum({1, 2});
-  const at::Tensor cy = ((mask * ys).sum({1, 2}) / area.clamp_min(1)).where(area > 0, at::full_like(area, h / 2.0));
-  const at::Tensor cx = ((mask * xs).sum({1, 2}) / area.clamp_min(1)).where(area > 0, at::full_like(area, w / 2.0));
+  const auto [cy, cx] = mask_centres(mask, h / 2.0, w / 2.0);
   std::uniform_int_distribution<std::int64_t> jitter(-crop / 4, crop / 4);
   std::vector<at::Tensor> windows;
   for (std::int64_t b = 0; b < out.size(0); ++b) {
