@@ -477,6 +477,44 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   fs::remove_all(dir);
 }
 
+TEST_CASE("train-demo: a VAE of another z_dim trains with neutral statistics and generates; the DiT must match it",
+          "[train]") {
+  // The DiT's in_dim and out_dim must be the VAE's z_dim: refused when the config is read, not
+  // after the VAE stage.
+  nlohmann::json j = micro_config().to_json();
+  j["vae"]["z_dim"] = 4;
+  CHECK_THROWS_WITH(DemoTrainConfig::from_json(j), Catch::Contains("must equal the VAE's z_dim"));
+  j["dit"]["in_dim"] = 4;
+  j["dit"]["out_dim"] = 4;
+  DemoTrainConfig c = DemoTrainConfig::from_json(j);
+  // Wan's published statistics are for 16 channels; a 4-channel latent starts from neutral ones.
+  CHECK(c.vae.latent_mean == std::vector<float>(4, 0.f));
+  CHECK(c.vae.latent_std == std::vector<float>(4, 1.f));
+  CHECK(DemoTrainConfig::from_json(c.to_json()).vae.z_dim == 4);
+
+  const fs::path dir = temp_dir("z4");
+  c.vae_steps = 2;
+  c.dit_steps = 2;
+  c.pool_size = 16;
+  DemoTrainOptions o;
+  o.out_dir = dir.string();
+  o.quiet_progress = true;
+  train_demo(c, o);
+  const WanModelFiles files = locate_wan_model(dir.string());
+  WanT2VPipeline pipeline(files, WanT2VOptions{});
+  T2VSettings s;
+  s.prompt = "a green square standing still";
+  s.negative_prompt = "";
+  s.width = c.width;
+  s.height = c.height;
+  s.frames = c.frames;
+  s.steps = 2;
+  const T2VResult r = pipeline.generate(s);
+  CHECK(r.video.sizes() == at::IntArrayRef({3, c.frames, c.height, c.width}));
+  CHECK(at::isfinite(r.video).all().item<bool>());
+  fs::remove_all(dir);
+}
+
 TEST_CASE("train-demo: --decoder-from fine-tunes a finished VAE's decoder and leaves its encoder bit-exact", "[train]") {
   const fs::path first = temp_dir("decoder_from_a"), second = temp_dir("decoder_from_b");
   DemoTrainConfig c = micro_config();

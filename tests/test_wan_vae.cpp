@@ -99,6 +99,22 @@ TEST_CASE("wan vae: config from json, from weights, strides", "[vae]") {
     CHECK(inferred.attn_scales.empty());
   }
 
+  // Published statistics exist for z_dim 16 only: another z_dim without its own gets neutral ones,
+  // and statistics of the wrong length are refused.
+  nlohmann::json narrow = manifest()["config"];
+  narrow["z_dim"] = 4;
+  narrow.erase("latents_mean");
+  narrow.erase("latents_std");
+  const WanVAEConfig four = WanVAEConfig::from_json(narrow);
+  CHECK(four.latent_mean == std::vector<float>(4, 0.f));
+  CHECK(four.latent_std == std::vector<float>(4, 1.f));
+  narrow["latents_mean"] = {0.5, -0.5, 0.25, 0};
+  narrow["latents_std"] = {1, 2, 3, 4};
+  CHECK(WanVAEConfig::from_json(narrow).latent_std == std::vector<float>{1, 2, 3, 4});
+  CHECK(WanVAEConfig::from_json(narrow).latent_mean == std::vector<float>{0.5, -0.5, 0.25, 0});
+  narrow["latents_std"] = std::vector<float>(16, 1.f);
+  CHECK_THROWS_WITH(WanVAEConfig::from_json(narrow), Catch::Contains("latents_std needs z_dim entries"));
+
   nlohmann::json bad = manifest()["config"];
   bad["temperal_downsample"] = {true};
   CHECK_THROWS_AS(WanVAEConfig::from_json(bad), InputError);

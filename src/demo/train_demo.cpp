@@ -345,10 +345,14 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
     tget("max_distance", c.text_encoder.max_distance);
   }
   if (j.contains("vae")) {
-    const WanVAEConfig published;  // keep Wan's published latent statistics (see fold_latent_stats)
+    // Keep Wan's published latent statistics (see fold_latent_stats); they exist for the
+    // 16-channel latent only, and another z_dim keeps from_json's neutral ones.
+    const WanVAEConfig published;
     c.vae = WanVAEConfig::from_json(j.at("vae"));
-    c.vae.latent_mean = published.latent_mean;
-    c.vae.latent_std = published.latent_std;
+    if (c.vae.z_dim == published.z_dim) {
+      c.vae.latent_mean = published.latent_mean;
+      c.vae.latent_std = published.latent_std;
+    }
   }
   if (j.contains("dit")) c.dit = WanDiTConfig::from_json(j.at("dit"));
   c.dit.text_dim = c.text_encoder.dim;  // the DiT reads the encoder's output
@@ -415,6 +419,9 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   c.vae.validate();
   c.dit.validate();
   c.text_encoder.validate();
+  if (c.dit.in_dim != c.vae.z_dim || c.dit.out_dim != c.vae.z_dim)
+    throw InputError("demo training config: the DiT's in_dim and out_dim (" + std::to_string(c.dit.in_dim) + ", " +
+                     std::to_string(c.dit.out_dim) + ") must equal the VAE's z_dim (" + std::to_string(c.vae.z_dim) + ")");
   if (c.frames < 1 || (c.frames - 1) % 4 != 0) throw InputError("demo training config: frames must be 4n+1");
   if (c.width % 16 != 0 || c.height % 16 != 0) throw InputError("demo training config: width and height must be multiples of 16");
   if (c.vae_frames < 0 || c.vae_frames > c.frames || (c.vae_frames > 0 && (c.vae_frames - 1) % 4 != 0))

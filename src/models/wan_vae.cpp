@@ -504,6 +504,11 @@ WanVAEConfig WanVAEConfig::from_json(const nlohmann::json& j) {
   read({"temperal_downsample", "temporal_downsample"}, c.temporal_downsample);
   read({"latents_mean", "latent_mean"}, c.latent_mean);
   read({"latents_std", "latent_std"}, c.latent_std);
+  // Published statistics exist for the 16-channel latent only: a config that names another z_dim
+  // without its own statistics gets neutral ones (a config that gives them is checked as given).
+  const auto z = static_cast<std::size_t>(std::max<std::int64_t>(c.z_dim, 0));
+  if (!field({"latents_mean", "latent_mean"}) && c.latent_mean.size() != z) c.latent_mean.assign(z, 0.f);
+  if (!field({"latents_std", "latent_std"}) && c.latent_std.size() != z) c.latent_std.assign(z, 1.f);
   c.validate();
   return c;
 }
