@@ -99,6 +99,21 @@ TEST_CASE("train-demo: configs/shapes-demo.json is the built-in default", "[trai
   CHECK(file.dit.text_dim == file.text_encoder.dim);
 }
 
+TEST_CASE("train-demo: every shapes-demo config in configs/ reads and survives a write and a read", "[train]") {
+  std::size_t seen = 0;
+  for (const auto& e : fs::directory_iterator(fs::path(VDIT_SOURCE_DIR) / "configs")) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("shapes-demo", 0) != 0 || e.path().extension() != ".json") continue;
+    INFO(name);
+    ++seen;
+    DemoTrainConfig c;
+    REQUIRE_NOTHROW(c = DemoTrainConfig::from_file(e.path().string()));
+    CHECK(c.dit.in_dim == c.vae.z_dim);
+    CHECK(DemoTrainConfig::from_json(c.to_json()).to_json() == c.to_json());
+  }
+  CHECK(seen >= 10);
+}
+
 TEST_CASE("train-demo: the DiT's learning-rate decay is a cosine from 1 to dit_lr_final", "[train]") {
   for (double f : {0.05, 0.1, 0.5, 1.0}) {
     INFO("final " << f);
