@@ -84,6 +84,31 @@ bool same_parameters(torch::nn::Module& a, torch::nn::Module& b) {
   return true;
 }
 
+// Options that train into `dir` without a progress bar.
+DemoTrainOptions quiet_options(const fs::path& dir) {
+  DemoTrainOptions o;
+  o.out_dir = dir.string();
+  o.quiet_progress = true;
+  return o;
+}
+
+// Generates one 2-step clip with `prompt` from a trained directory through the pipeline, as a
+// user's `vdit generate --model DIR` would, and checks its size and that it is finite.
+void check_directory_generates(const fs::path& dir, const DemoTrainConfig& c, const std::string& prompt) {
+  WanT2VPipeline pipeline(locate_wan_model(dir.string()), WanT2VOptions{});
+  T2VSettings s;
+  s.prompt = prompt;
+  s.negative_prompt = "";
+  s.width = c.width;
+  s.height = c.height;
+  s.frames = c.frames;
+  s.steps = 2;
+  s.guidance = 3.0;
+  const T2VResult r = pipeline.generate(s);
+  CHECK(r.video.sizes() == at::IntArrayRef({3, c.frames, c.height, c.width}));
+  CHECK(at::isfinite(r.video).all().item<bool>());
+}
+
 }  // namespace
 
 TEST_CASE("train-demo: configs/shapes-demo.json is the built-in default", "[train]") {
@@ -429,9 +454,7 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   c.vae_decoder_steps = 2;
   c.dit_steps = 2;
   c.pool_size = 16;
-  DemoTrainOptions o;
-  o.out_dir = dir.string();
-  o.quiet_progress = true;
+  DemoTrainOptions o = quiet_options(dir);
   train_demo(c, o);
 
   const WanModelFiles files = locate_wan_model(dir.string());
@@ -466,18 +489,7 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   CHECK(fs::exists(dir / "train-state" / "vae.pt"));
   CHECK(fs::exists(dir / "train-state" / "vae-decoder.pt"));
 
-  WanT2VPipeline pipeline(files, WanT2VOptions{});
-  T2VSettings s;
-  s.prompt = "a red circle moving right";
-  s.negative_prompt = "";
-  s.width = c.width;
-  s.height = c.height;
-  s.frames = c.frames;
-  s.steps = 2;
-  s.guidance = 3.0;
-  const T2VResult r = pipeline.generate(s);
-  CHECK(r.video.sizes() == at::IntArrayRef({3, c.frames, c.height, c.width}));
-  CHECK(at::isfinite(r.video).all().item<bool>());
+  check_directory_generates(dir, c, "a red circle moving right");
 
   // Resuming with a larger budget continues from the saved step.
   c.dit_steps = 3;
@@ -511,22 +523,9 @@ TEST_CASE("train-demo: a VAE of another z_dim trains with neutral statistics and
   c.vae_steps = 2;
   c.dit_steps = 2;
   c.pool_size = 16;
-  DemoTrainOptions o;
-  o.out_dir = dir.string();
-  o.quiet_progress = true;
+  DemoTrainOptions o = quiet_options(dir);
   train_demo(c, o);
-  const WanModelFiles files = locate_wan_model(dir.string());
-  WanT2VPipeline pipeline(files, WanT2VOptions{});
-  T2VSettings s;
-  s.prompt = "a green square standing still";
-  s.negative_prompt = "";
-  s.width = c.width;
-  s.height = c.height;
-  s.frames = c.frames;
-  s.steps = 2;
-  const T2VResult r = pipeline.generate(s);
-  CHECK(r.video.sizes() == at::IntArrayRef({3, c.frames, c.height, c.width}));
-  CHECK(at::isfinite(r.video).all().item<bool>());
+  check_directory_generates(dir, c, "a green square standing still");
   fs::remove_all(dir);
 }
 
@@ -534,10 +533,8 @@ TEST_CASE("train-demo: --decoder-from fine-tunes a finished VAE's decoder and le
   const fs::path first = temp_dir("decoder_from_a"), second = temp_dir("decoder_from_b");
   DemoTrainConfig c = micro_config();
   c.vae_steps = 2;
-  DemoTrainOptions o;
-  o.out_dir = first.string();
+  DemoTrainOptions o = quiet_options(first);
   o.stage = "vae";
-  o.quiet_progress = true;
   train_demo(c, o);
 
   // Fine-tune into another directory, which has no first-phase state of its own.
@@ -589,9 +586,7 @@ TEST_CASE("train-demo: --dit-from starts the DiT stage from a finished model's t
   DemoTrainConfig c = micro_config();
   c.vae_steps = 1;
   c.dit_steps = 2;
-  DemoTrainOptions o;
-  o.out_dir = first.string();
-  o.quiet_progress = true;
+  DemoTrainOptions o = quiet_options(first);
   train_demo(c, o);
 
   // A second directory with the first one's tokenizer and VAE but no DiT state; at learning rate
@@ -634,9 +629,7 @@ TEST_CASE("train-demo: dit_snapshot_every writes complete model directories of t
   c.vae_steps = 1;
   c.dit_steps = 4;
   c.dit_snapshot_every = 2;
-  DemoTrainOptions o;
-  o.out_dir = dir.string();
-  o.quiet_progress = true;
+  DemoTrainOptions o = quiet_options(dir);
   train_demo(c, o);
   const fs::path two = dir / "snapshots" / "step-000002", four = dir / "snapshots" / "step-000004";
   REQUIRE(fs::is_directory(two));
@@ -1048,10 +1041,8 @@ TEST_CASE("train-demo: decoder_generated_* settings are read, written and checke
   m.vae_steps = 1;
   m.vae_decoder_steps = 1;
   m.decoder_generated_clips = 2;
-  DemoTrainOptions o;
-  o.out_dir = dir.string();
+  DemoTrainOptions o = quiet_options(dir);
   o.stage = "vae";
-  o.quiet_progress = true;
   CHECK_THROWS_AS(train_demo(m, o), InputError);
   fs::remove_all(dir);
 }
