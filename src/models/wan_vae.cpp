@@ -477,6 +477,16 @@ std::int64_t WanVAEConfig::temporal_stride() const {
   return s;
 }
 
+namespace {
+// Wan publishes latent statistics for its 16-channel latent only: a latent of another width whose
+// config does not give its own gets neutral ones (mean 0, std 1).
+void neutral_statistics_where_missing(WanVAEConfig& c, bool mean_given, bool std_given) {
+  const auto z = static_cast<std::size_t>(std::max<std::int64_t>(c.z_dim, 0));
+  if (!mean_given && c.latent_mean.size() != z) c.latent_mean.assign(z, 0.f);
+  if (!std_given && c.latent_std.size() != z) c.latent_std.assign(z, 1.f);
+}
+}  // namespace
+
 WanVAEConfig WanVAEConfig::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw InputError("wan vae config: expected a JSON object");
   WanVAEConfig c;
@@ -504,11 +514,9 @@ WanVAEConfig WanVAEConfig::from_json(const nlohmann::json& j) {
   read({"temperal_downsample", "temporal_downsample"}, c.temporal_downsample);
   read({"latents_mean", "latent_mean"}, c.latent_mean);
   read({"latents_std", "latent_std"}, c.latent_std);
-  // Published statistics exist for the 16-channel latent only: a config that names another z_dim
-  // without its own statistics gets neutral ones (a config that gives them is checked as given).
-  const auto z = static_cast<std::size_t>(std::max<std::int64_t>(c.z_dim, 0));
-  if (!field({"latents_mean", "latent_mean"}) && c.latent_mean.size() != z) c.latent_mean.assign(z, 0.f);
-  if (!field({"latents_std", "latent_std"}) && c.latent_std.size() != z) c.latent_std.assign(z, 1.f);
+  // Statistics the config gives are checked as given.
+  neutral_statistics_where_missing(c, field({"latents_mean", "latent_mean"}) != nullptr,
+                                   field({"latents_std", "latent_std"}) != nullptr);
   c.validate();
   return c;
 }
@@ -678,11 +686,7 @@ WanVAEConfig WanVAEConfig::infer_from_weights(const WeightFile& file) {
     c.dim_mult.push_back(stage_out[i] / c.dim);
   }
   c.num_res_blocks = stage_blocks[0];
-  if (c.z_dim != static_cast<std::int64_t>(c.latent_mean.size())) {
-    // Published statistics exist for the 16-channel latent only; neutral ones otherwise.
-    c.latent_mean.assign(c.z_dim, 0.f);
-    c.latent_std.assign(c.z_dim, 1.f);
-  }
+  neutral_statistics_where_missing(c, /*mean_given=*/false, /*std_given=*/false);
   c.validate();
   return c;
 }
