@@ -399,6 +399,23 @@ TEST_CASE("vdit eval shapes --render-only judges rendered clips; a missing model
   CHECK(j["all"] == 1.0);
   CHECK(j["colour"] == 1.0);
   CHECK(j["multi_object"] == 0);
+  // Rendered clips judge right, so each confusion table is diagonal and its rows sum to the clips.
+  for (const char* attribute : {"colour", "shape", "motion"}) {
+    INFO(attribute);
+    const auto& table = j["confusion"][attribute];
+    const auto& rows = table["rows"];
+    REQUIRE(rows.size() == table["labels"].size());
+    int total = 0;
+    for (std::size_t t = 0; t < rows.size(); ++t) {
+      REQUIRE(rows[t].size() == rows.size());
+      for (std::size_t k = 0; k < rows.size(); ++k) {
+        total += rows[t][k].get<int>();
+        if (t != k) CHECK(rows[t][k] == 0);
+      }
+    }
+    CHECK(total == 40);
+  }
+  CHECK(j["confusion"]["shape"]["labels"] == nlohmann::json({"circle", "square", "triangle"}));
 
   REQUIRE(run_vdit("eval shapes --render-only --clips 3 --save-dir " + (dir.path / "sheets").string(), out) == 0);
   CHECK(out.find("all three") != std::string::npos);

@@ -324,6 +324,17 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                         {"size", std::to_string(width) + "x" + std::to_string(height)},
                         {"frames", o.frames},
                         {"seconds", seconds}};
+    // The confusion tables too, so a script sees which shapes the model mixes up, not just how
+    // often: confusion.<attribute>.rows[caption][judged], in the order of .labels.
+    const auto table = [&](int attribute, int n, const char* (*name)(int)) {
+      nlohmann::json labels = nlohmann::json::array();
+      for (int k = 0; k < n; ++k) labels.push_back(name(k));
+      return nlohmann::json{{"labels", labels}, {"rows", summary.confusion[attribute]}};
+    };
+    j["confusion"] = {
+        {"colour", table(0, shapes::kColours, [](int k) { return shapes::colour_name(static_cast<shapes::Colour>(k)); })},
+        {"shape", table(1, shapes::kShapes, [](int k) { return shapes::shape_name(static_cast<shapes::Shape>(k)); })},
+        {"motion", table(2, shapes::kMotions, [](int k) { return shapes::motion_name(static_cast<shapes::Motion>(k)); })}};
     if (o.round_trip) {
       j["model"] = model_dir;
       j["latent_noise"] = o.latent_noise;
@@ -379,7 +390,7 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--frames", o->frames, "Frames per clip (generated: 4n+1)")->capture_default_str();
   cmd->add_option("--save-dir", o->save_dir, "Write each clip's contact sheet here (clip_0001.png, ...)");
   cmd->add_flag("--overwrite", o->overwrite, "Replace existing contact sheets in --save-dir");
-  cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies on stdout (the report goes to stderr)");
+  cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies and confusion tables on stdout (the report goes to stderr)");
   cmd->add_flag("--render-only", o->render_only, "Judge rendered ground-truth clips instead of generated ones (no model)");
   cmd->add_flag("--round-trip", o->round_trip,
                 "Judge rendered clips after the model's VAE encodes and decodes them (the VAE's ceiling; no DiT)");
