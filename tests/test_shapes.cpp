@@ -416,6 +416,26 @@ TEST_CASE("vdit eval shapes --render-only judges rendered clips; a missing model
     CHECK(total == 40);
   }
   CHECK(j["confusion"]["shape"]["labels"] == nlohmann::json({"circle", "square", "triangle"}));
+  CHECK_FALSE(j.contains("per_clip"));
+
+  // --per-clip lists every clip with the features behind its shape verdict: rendered shapes sit on
+  // their side of the judge's thresholds (square fill >= 0.89, triangle skew > 0.045).
+  REQUIRE(run_vdit("--quiet eval shapes --render-only --clips 40 --seed 3 --json --per-clip", out) == 0);
+  const auto detailed = nlohmann::json::parse(out);
+  REQUIRE(detailed["per_clip"].size() == 40);
+  for (const auto& clip : detailed["per_clip"]) {
+    INFO(clip.dump());
+    const std::string caption = clip["caption"];
+    CHECK(clip["verdict"] == "ok");
+    CHECK(clip["objects"] == 1);
+    const double fill = clip["fill"], skew = clip["skew"];
+    if (caption.find("square") != std::string::npos) CHECK(fill >= 0.89);
+    if (caption.find("circle") != std::string::npos) CHECK((fill > 0.7 && fill < 0.89));
+    if (caption.find("triangle") != std::string::npos) CHECK(skew > 0.045);
+    else CHECK(std::abs(skew) < 0.045);
+  }
+  CHECK(run_vdit("--quiet eval shapes --render-only --clips 2 --per-clip", out) == 2);  // needs --json
+  CHECK(out.find("--per-clip requires --json") != std::string::npos);
 
   REQUIRE(run_vdit("eval shapes --render-only --clips 3 --save-dir " + (dir.path / "sheets").string(), out) == 0);
   CHECK(out.find("all three") != std::string::npos);

@@ -55,6 +55,7 @@ struct EvalOptions {
   std::int64_t frames = 9;
   std::string save_dir;
   bool json = false;
+  bool per_clip = false;      // with json: every clip's verdict and shape features too
   bool render_only = false;
   bool round_trip = false;    // rendered clips through the model's VAE only (no text encoder, no DiT)
   double latent_noise = 0;   // round trip: Gaussian noise of this std added to the normalised latent
@@ -233,6 +234,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   }
 
   JudgeSummary summary;
+  nlohmann::json per_clip = nlohmann::json::array();  // --per-clip records, in clip order
   const auto t0 = std::chrono::steady_clock::now();
   const int digits = static_cast<int>(std::to_string(o.clips).size());
   // Generated clips draw their noise from the clip's seed, and so do noisy round trips.
@@ -271,6 +273,17 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     }
     const Judgement j = judge_clip(video);
     summary.add(truth, j);
+    if (o.per_clip) {
+      nlohmann::json clip = {{"caption", truth.text()},
+                             {"judged", judged_text(j)},
+                             {"verdict", verdict(truth, j)},
+                             {"objects", j.objects},
+                             {"fill", j.fill},
+                             {"skew", j.skew},
+                             {"displacement", {j.displacement_x, j.displacement_y}}};
+      if (clips_use_seed) clip["seed"] = clip_seed;
+      per_clip.push_back(std::move(clip));
+    }
 
     std::ostringstream line;
     line << "[" << std::setw(digits) << (i + 1) << "/" << o.clips << "] ";
@@ -335,6 +348,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         {"colour", table(0, shapes::kColours, [](int k) { return shapes::colour_name(static_cast<shapes::Colour>(k)); })},
         {"shape", table(1, shapes::kShapes, [](int k) { return shapes::shape_name(static_cast<shapes::Shape>(k)); })},
         {"motion", table(2, shapes::kMotions, [](int k) { return shapes::motion_name(static_cast<shapes::Motion>(k)); })}};
+    if (o.per_clip) j["per_clip"] = std::move(per_clip);
     if (o.round_trip) {
       j["model"] = model_dir;
       j["latent_noise"] = o.latent_noise;
@@ -390,7 +404,11 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--frames", o->frames, "Frames per clip (generated: 4n+1)")->capture_default_str();
   cmd->add_option("--save-dir", o->save_dir, "Write each clip's contact sheet here (clip_0001.png, ...)");
   cmd->add_flag("--overwrite", o->overwrite, "Replace existing contact sheets in --save-dir");
-  cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies and confusion tables on stdout (the report goes to stderr)");
+  CLI::Option* json_flag = cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies and confusion tables on stdout (the report goes to stderr)");
+  cmd->add_flag("--per-clip", o->per_clip,
+                "With --json: also list every clip (caption, judged, verdict, objects, the shape features fill and "
+                "skew, displacement) under per_clip")
+      ->needs(json_flag);
   cmd->add_flag("--render-only", o->render_only, "Judge rendered ground-truth clips instead of generated ones (no model)");
   cmd->add_flag("--round-trip", o->round_trip,
                 "Judge rendered clips after the model's VAE encodes and decodes them (the VAE's ceiling; no DiT)");

@@ -509,16 +509,20 @@ Judgement judge_clip(const at::Tensor& video) {
   // least-squares line through the centroids, which uses every frame, not only the two ends.
   int votes[kShapes] = {0, 0, 0};
   std::vector<double> ts, xs, ys;
+  std::vector<float> fills, skews;
   for (std::int64_t f = 0; f < frames; ++f) {
     if (!analysis[f].valid) continue;
     const ShapeFeatures s = frame_shape(view(f), analysis[f].main, object, width, height);
     if (s.area <= 0) continue;
     ++votes[static_cast<int>(classify(s))];
+    fills.push_back(static_cast<float>(s.fill));
+    skews.push_back(static_cast<float>(s.skew));
     ts.push_back(frames > 1 ? static_cast<double>(f) / static_cast<double>(frames - 1) : 0.0);
     xs.push_back(s.cx);
     ys.push_back(s.cy);
   }
   j.shape = static_cast<Shape>(std::max_element(votes, votes + kShapes) - votes);
+  if (!fills.empty()) j.fill = median(fills), j.skew = median(skews);
 
   double slope_x = 0, slope_y = 0;
   if (ts.size() >= 2) {

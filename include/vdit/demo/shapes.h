@@ -93,6 +93,10 @@ struct Judgement {
   Shape shape = Shape::Circle;
   Motion motion = Motion::Still;
   float displacement_x = 0, displacement_y = 0;  // centroid track, first to last frame, in frame sides
+  // The shape features behind `shape`, median over the frames (0 without an object): fill ratio
+  // (square 1, circle pi/4, triangle ~0.5; square from 0.89) and vertical skew (triangle ~1/6,
+  // triangle from 0.045), to see how near a clip came to the other verdict.
+  float fill = 0, skew = 0;
 };
 
 // Scores a clip [3, F, H, W] in [-1, 1] from its pixels: foreground = pixels far from the
