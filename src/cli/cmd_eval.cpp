@@ -339,15 +339,9 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                         {"seconds", seconds}};
     // The confusion tables too, so a script sees which shapes the model mixes up, not just how
     // often: confusion.<attribute>.rows[caption][judged], in the order of .labels.
-    const auto table = [&](int attribute, int n, const char* (*name)(int)) {
-      nlohmann::json labels = nlohmann::json::array();
-      for (int k = 0; k < n; ++k) labels.push_back(name(k));
-      return nlohmann::json{{"labels", labels}, {"rows", summary.confusion[attribute]}};
-    };
-    j["confusion"] = {
-        {"colour", table(0, shapes::kColours, [](int k) { return shapes::colour_name(static_cast<shapes::Colour>(k)); })},
-        {"shape", table(1, shapes::kShapes, [](int k) { return shapes::shape_name(static_cast<shapes::Shape>(k)); })},
-        {"motion", table(2, shapes::kMotions, [](int k) { return shapes::motion_name(static_cast<shapes::Motion>(k)); })}};
+    for (int attribute = 0; attribute < JudgeSummary::kAttributes; ++attribute)
+      j["confusion"][JudgeSummary::attribute_name(attribute)] = {
+          {"labels", JudgeSummary::category_names(attribute)}, {"rows", summary.confusion[attribute]}};
     if (o.per_clip) j["per_clip"] = std::move(per_clip);
     if (o.round_trip) {
       j["model"] = model_dir;

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <cstring>
 #include <iomanip>
 #include <sstream>
 
@@ -573,6 +572,30 @@ void JudgeSummary::add(const Caption& truth, const Judgement& judged) {
 
 double JudgeSummary::accuracy(int right) const { return clips > 0 ? static_cast<double>(right) / clips : 0.0; }
 
+const char* JudgeSummary::attribute_name(int attribute) {
+  static constexpr const char* kNames[kAttributes] = {"colour", "shape", "motion"};
+  if (attribute < 0 || attribute >= kAttributes) throw InputError("judge: no attribute " + std::to_string(attribute));
+  return kNames[attribute];
+}
+
+std::vector<std::string> JudgeSummary::category_names(int attribute) {
+  std::vector<std::string> names;
+  switch (attribute) {
+    case 0:
+      for (int k = 0; k < kColours; ++k) names.emplace_back(colour_name(static_cast<Colour>(k)));
+      break;
+    case 1:
+      for (int k = 0; k < kShapes; ++k) names.emplace_back(shape_name(static_cast<Shape>(k)));
+      break;
+    case 2:
+      for (int k = 0; k < kMotions; ++k) names.emplace_back(motion_name(static_cast<Motion>(k)));
+      break;
+    default:
+      throw InputError("judge: no attribute " + std::to_string(attribute));
+  }
+  return names;
+}
+
 std::string JudgeSummary::report() const {
   std::ostringstream out;
   const auto line = [&](const char* label, int right) {
@@ -588,22 +611,21 @@ std::string JudgeSummary::report() const {
   out << "clips with no object found: " << no_object << "\n";
   out << "clips whose object changes colour (colour counted wrong): " << colour_unsteady << "\n";
 
-  const auto table = [&](const char* title, int attribute, int n, const char* (*name)(int)) {
-    out << "\n" << title << " (rows: caption, columns: judged)\n";
+  for (int attribute = 0; attribute < kAttributes; ++attribute) {
+    const std::vector<std::string> names = category_names(attribute);
+    const int n = static_cast<int>(names.size());
+    out << "\n" << attribute_name(attribute) << " (rows: caption, columns: judged)\n";
     int width = 6;
-    for (int k = 0; k < n; ++k) width = std::max<int>(width, static_cast<int>(std::strlen(name(k))) + 1);
+    for (const auto& name : names) width = std::max<int>(width, static_cast<int>(name.size()) + 1);
     out << std::setw(width) << "";
-    for (int k = 0; k < n; ++k) out << std::setw(width) << name(k);
+    for (const auto& name : names) out << std::setw(width) << name;
     out << "\n";
     for (int t = 0; t < n; ++t) {
-      out << std::left << std::setw(width) << name(t) << std::right;
+      out << std::left << std::setw(width) << names[t] << std::right;
       for (int k = 0; k < n; ++k) out << std::setw(width) << confusion[attribute][t][k];
       out << "\n";
     }
-  };
-  table("colour", 0, kColours, [](int k) { return colour_name(static_cast<Colour>(k)); });
-  table("shape", 1, kShapes, [](int k) { return shape_name(static_cast<Shape>(k)); });
-  table("motion", 2, kMotions, [](int k) { return motion_name(static_cast<Motion>(k)); });
+  }
   return out.str();
 }
 

@@ -114,6 +114,9 @@ struct JudgeSummary {
   int colour_unsteady = 0;  // clips whose object changes colour between frames (colour counted wrong)
   // confusion[attribute][truth][judged]; attribute 0 colour (6x6), 1 shape (3x3), 2 motion (5x5)
   std::vector<std::vector<std::vector<int>>> confusion;
+  static constexpr int kAttributes = 3;
+  static const char* attribute_name(int attribute);                 // "colour", "shape", "motion"
+  static std::vector<std::string> category_names(int attribute);    // confusion's row/column order
   JudgeSummary();
   void add(const Caption& truth, const Judgement& judged);
   std::string report() const;  // per-attribute accuracy and the confusion tables, human-readable
