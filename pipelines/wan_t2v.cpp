@@ -277,7 +277,7 @@ void WanT2VPipeline::release_dit() {
 void WanT2VPipeline::release_vae() { vae_.reset(); }
 
 at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
-                                   const T2VSettings& settings, const StepCallback& on_step) {
+                                   const T2VSettings& settings, const StepCallback& on_step, const at::Tensor& clean) {
   c10::InferenceMode guard;
   load_dit();
   const auto t0 = std::chrono::steady_clock::now();
@@ -305,6 +305,10 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   if (autoguided) guide_cond = guide_dit_->encode_text(fit(context).to(options_.device).unsqueeze(0));
 
   at::Tensor x = noise.to(options_.device, at::kFloat).unsqueeze(0);  // [1, C, F', h, w]
+  if (settings.strength < 1.0) {
+    if (!clean.defined()) throw RuntimeError("denoise: strength below 1 needs the clean latent");
+    x = add_noise(clean.to(options_.device, at::kFloat).unsqueeze(0), x, sampler->sigmas()[sampler->begin_index()]);
+  }
   const int total = sampler->num_steps();
   for (int i = sampler->begin_index(); i < total; ++i) {
     const auto t = at::full({1}, static_cast<double>(sampler->timesteps()[i]), x.options());
@@ -354,8 +358,16 @@ at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
 T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
   const LatentGeometry& geometry = latent_geometry();
   validate(settings);
-  if (settings.strength < 1.0)
-    throw InputError("strength below 1 needs an input clip: noise its latent with add_noise and call denoise()");
+  if (settings.strength < 1.0 && !settings.init_video.defined())
+    throw InputError("--strength below 1 needs an input (--init)");
+  if (settings.init_video.defined()) {
+    const std::vector<std::int64_t> want{3, settings.frames, settings.height, settings.width};
+    if (settings.init_video.sizes().vec() != want) {
+      std::ostringstream msg;
+      msg << "the init video is " << settings.init_video.sizes() << " but the run needs " << at::IntArrayRef(want);
+      throw InputError(msg.str());
+    }
+  }
   times_ = StageTimes{};
   const std::string negative = settings.negative_prompt.value_or(kWanDefaultNegativePrompt);
   std::vector<std::string> prompts{settings.prompt};
@@ -364,8 +376,10 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
   auto contexts = encode_prompts(prompts);
 
   at::Tensor noise = settings.noise.defined() ? settings.noise.to(at::kFloat) : seeded_noise(t2v_latent_shape(settings, geometry), settings.seed);
+  at::Tensor clean;
+  if (settings.strength < 1.0) clean = encode(settings.init_video);
   T2VResult result;
-  result.latents = denoise(noise, contexts[0], guided ? contexts[1] : contexts[0], settings, on_step);
+  result.latents = denoise(noise, contexts[0], guided ? contexts[1] : contexts[0], settings, on_step, clean);
   release_dit();
   result.video = decode(result.latents);
   result.times = times_;

@@ -30,9 +30,12 @@ struct T2VSettings {
   int steps = 50;
   std::string sampler = "unipc";  // unipc | dpm++ | euler | euler-a
   double eta = 1.0;               // euler-a: share of the posterior noise re-drawn per step, [0, 1]
-  // img2img / SDEdit: below 1 the run starts at img2img_begin_index(steps, strength), and denoise()
-  // takes the clean latent noised to that step's sigma (add_noise) instead of pure noise.
+  // img2img / SDEdit: below 1 the run starts at img2img_begin_index(steps, strength) from the
+  // clean latent noised to that step's sigma (add_noise); 1 starts from pure noise.
   double strength = 1.0;
+  // The SDEdit input for generate(): [3, frames, height, width] f32 in [-1, 1], exactly the run's
+  // size and frame count (the CLI resizes and picks frames). Used when strength < 1.
+  at::Tensor init_video;
   std::optional<double> shift;    // default: the model's scheduler config, else 5.0
   double guidance = 5.0;
   // Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
@@ -103,9 +106,11 @@ class WanT2VPipeline {
   // Loads the text encoder, encodes, releases it: one [L_i, text_dim] f32 tensor per prompt.
   std::vector<at::Tensor> encode_prompts(const std::vector<std::string>& prompts);
   // The denoising loop on prepared contexts ([L, text_dim]) from `noise` (latent shape); loads
-  // the DiT if needed. Returns the final latent.
+  // the DiT if needed. With settings.strength < 1, `clean` (a latent, e.g. encode()'s) is noised
+  // with `noise` to the first kept sigma and the remaining steps run (SDEdit). Returns the final
+  // latent.
   at::Tensor denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
-                     const T2VSettings& settings, const StepCallback& on_step = {});
+                     const T2VSettings& settings, const StepCallback& on_step = {}, const at::Tensor& clean = {});
   // Video [3, F, H, W] in [-1, 1] -> the posterior mean latent [C, F', h, w] in the normalised
   // space decode() takes; loads the VAE if needed.
   at::Tensor encode(const at::Tensor& video);
