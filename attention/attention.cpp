@@ -196,10 +196,46 @@ void set_attention_tuning(const AttentionTuning& tuning) {
   tuning_value = tuning;
 }
 
-const AttentionFn& AttentionHooks::plain_attention() {
+const AttentionFn& AttentionProcessor::plain_attention() {
   static const AttentionFn fn = [](const AttentionSite&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const AttentionCall& call) { return attention(q, k, v, call); };
   return fn;
 }
+
+std::vector<std::int64_t> AttentionSite::rows_in(const std::vector<RowRole>& roles, std::int64_t batch) const {
+  std::vector<std::int64_t> out;
+  for (std::int64_t r = 0; r < batch; ++r) {
+    bool wanted = roles.empty();
+    if (!wanted && rows && r < static_cast<std::int64_t>(rows->size()))
+      for (RowRole role : roles) wanted = wanted || (*rows)[static_cast<std::size_t>(r)] == role;
+    if (wanted) out.push_back(r);
+  }
+  return out;
+}
+
+AttentionProcessors& AttentionProcessors::set(std::shared_ptr<AttentionProcessor> processor) {
+  all_ = std::move(processor);
+  return *this;
+}
+
+AttentionProcessors& AttentionProcessors::set(AttentionKind kind, std::shared_ptr<AttentionProcessor> processor) {
+  if (processor) by_kind_[kind] = std::move(processor);
+  else by_kind_.erase(kind);
+  return *this;
+}
+
+AttentionProcessors& AttentionProcessors::set(int layer, AttentionKind kind, std::shared_ptr<AttentionProcessor> processor) {
+  if (layer < 0) throw InputError("attention processors: layer " + std::to_string(layer) + " does not exist");
+  if (processor) by_site_[{layer, kind}] = std::move(processor);
+  else by_site_.erase({layer, kind});
+  return *this;
+}
+
+AttentionProcessor* AttentionProcessors::find(int layer, AttentionKind kind) const {
+  if (auto it = by_site_.find({layer, kind}); it != by_site_.end()) return it->second.get();
+  if (auto it = by_kind_.find(kind); it != by_kind_.end()) return it->second.get();
+  return all_.get();
+}
+
 
 }  // namespace vdit

@@ -4,6 +4,8 @@
 #include "vdit/io/checkpoint.h"
 #include "vdit/models/umt5.h"
 #include "vdit/models/wan_dit.h"
+#include "vdit/pipelines/flow_loop.h"
+#include "vdit/samplers/stepper.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/GradMode.h>
@@ -153,14 +155,15 @@ std::uint64_t sampler_noise_seed(std::uint64_t seed) {
 std::unique_ptr<FlowSampler> WanT2VPipeline::make_sampler_for(const T2VSettings& settings) const {
   SamplerConfig config = scheduler_config_ ? *scheduler_config_ : SamplerConfig{};
   if (config.name != settings.sampler) {
-    // The model's scheduler config names one solver; a different --sampler keeps only its shift
-    // and training steps.
+    // The model's scheduler config names one solver and its settings (sigma grid, order,
+    // corrector) are that solver's; a different --sampler runs with its own reference defaults.
+    // What describes the model rather than the solver carries over: its shift, its training
+    // steps and what it predicts.
     SamplerConfig fresh;
     fresh.name = settings.sampler;
     fresh.shift = config.shift;
     fresh.num_train_timesteps = config.num_train_timesteps;
-    fresh.prediction = config.prediction;  // what the model outputs, whichever solver runs
-    if (scheduler_config_) fresh.grid = config.grid;
+    fresh.prediction = config.prediction;
     config = fresh;
   }
   if (settings.sampler == "euler" || settings.sampler == "euler-a") config.solver_order = 1;
@@ -276,65 +279,48 @@ void WanT2VPipeline::release_dit() {
 }
 void WanT2VPipeline::release_vae() { vae_.reset(); }
 
+Guidance WanT2VPipeline::guidance_for(const T2VSettings& settings) const {
+  Guidance guidance;
+  if (settings.guidance != 1.0) guidance.add(std::make_shared<ClassifierFreeGuidance>(settings.guidance));
+  if (settings.autoguidance != 1.0) guidance.add(std::make_shared<Autoguidance>(settings.autoguidance));
+  return guidance;
+}
+
 at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
                                    const T2VSettings& settings, const StepCallback& on_step, const at::Tensor& clean) {
   c10::InferenceMode guard;
   load_dit();
   const auto t0 = std::chrono::steady_clock::now();
-  auto sampler = make_sampler_for(settings);
-  const bool guided = settings.guidance != 1.0;
-  const bool autoguided = settings.autoguidance != 1.0;
-  if (autoguided) load_guide_dit();
+  SamplerStepper stepper(make_sampler_for(settings));
+  if (settings.strength < 1.0 && !clean.defined()) throw RuntimeError("denoise: strength below 1 needs the clean latent");
 
   // The reference's tokenizer cuts prompts at the DiT's text_len; models with a shorter text_len
   // than the encoder's 512 (the built-in demo model) are cut here the same way.
-  const auto fit = [&](const at::Tensor& c) {
-    const std::int64_t text_len = dit_->config.text_len;
-    if (c.size(0) <= text_len) return c;
-    log_verbose("prompt of " + std::to_string(c.size(0)) + " tokens cut to the model's text_len " + std::to_string(text_len));
-    return c.narrow(0, 0, text_len);
-  };
-  WanTextCondition cond = dit_->encode_text(fit(context).to(options_.device).unsqueeze(0));
-  WanTextCondition both;
-  WanTextCondition uncond;
-  if (guided) {
-    uncond = dit_->encode_text(fit(context_null).to(options_.device).unsqueeze(0));
-    if (settings.batch_guidance) both = WanTextCondition::cat({cond, uncond});
-  }
-  WanTextCondition guide_cond;
-  if (autoguided) guide_cond = guide_dit_->encode_text(fit(context).to(options_.device).unsqueeze(0));
-
-  at::Tensor x = noise.to(options_.device, at::kFloat).unsqueeze(0);  // [1, C, F', h, w]
-  if (settings.strength < 1.0) {
-    if (!clean.defined()) throw RuntimeError("denoise: strength below 1 needs the clean latent");
-    x = add_noise(clean.to(options_.device, at::kFloat).unsqueeze(0), x, sampler->sigmas()[sampler->begin_index()]);
-  }
-  const int total = sampler->num_steps();
-  for (int i = sampler->begin_index(); i < total; ++i) {
-    const auto t = at::full({1}, static_cast<double>(sampler->timesteps()[i]), x.options());
-    at::Tensor output;  // guided model output: a velocity or, for a sample-predicting model, x0
-    at::Tensor out_cond;
-    if (!guided) {
-      output = out_cond = dit_->forward(x, t, cond);
-    } else if (settings.batch_guidance) {
-      at::Tensor out = dit_->forward(at::cat({x, x}), t.expand({2}), both);
-      out_cond = out.narrow(0, 0, 1);
-      at::Tensor out_uncond = out.narrow(0, 1, 1);
-      output = out_uncond + settings.guidance * (out_cond - out_uncond);
-    } else {
-      out_cond = dit_->forward(x, t, cond);
-      at::Tensor out_uncond = dit_->forward(x, t, uncond);
-      output = out_uncond + settings.guidance * (out_cond - out_uncond);
+  const auto embed = [&](WanDiTImpl& model, const at::Tensor& c) {
+    const std::int64_t text_len = model.config.text_len;
+    at::Tensor fitted = c;
+    if (c.size(0) > text_len) {
+      log_verbose("prompt of " + std::to_string(c.size(0)) + " tokens cut to the model's text_len " + std::to_string(text_len));
+      fitted = c.narrow(0, 0, text_len);
     }
-    if (autoguided) output = output + (settings.autoguidance - 1.0) * (out_cond - guide_dit_->forward(x, t, guide_cond));
-    // Guidance is affine in the output and (x - x0) / sigma is affine in x0 with x fixed, so guiding
-    // the predicted x0 and then converting equals converting each output first.
-    const at::Tensor velocity = sampler->config().prediction == ModelPrediction::Sample
-                                    ? velocity_from_sample(output, x, sampler->sigmas()[i])
-                                    : output;
-    x = sampler->step(velocity, i, x);
-    if (on_step) on_step(i + 1 - sampler->begin_index(), total - sampler->begin_index());
+    return model.encode_text(fitted.to(options_.device).unsqueeze(0));
+  };
+  DiTDenoiser::Options denoiser_options;
+  denoiser_options.batch_passes = settings.batch_guidance;
+  denoiser_options.prediction = stepper.sampler().config().prediction;
+  DiTDenoiser denoiser(*dit_, guidance_for(settings), denoiser_options);
+  denoiser.set_condition(RowRole::Cond, embed(*dit_, context));
+  if (settings.guidance != 1.0) denoiser.set_condition(RowRole::Uncond, embed(*dit_, context_null));
+  if (settings.autoguidance != 1.0) {
+    load_guide_dit();
+    denoiser.set_model(RowRole::Guide, *guide_dit_);
+    denoiser.set_condition(RowRole::Guide, embed(*guide_dit_, context));
   }
+
+  const at::Tensor start = flow_start(stepper, noise.to(options_.device, at::kFloat).unsqueeze(0),
+                                      clean.defined() ? clean.to(options_.device, at::kFloat).unsqueeze(0) : at::Tensor());
+  ProgressHook progress(on_step);
+  const at::Tensor x = run_flow(start, stepper, denoiser, {&progress});
   times_.denoise += seconds_since(t0);
   return x.squeeze(0).to(at::kCPU);
 }

@@ -5,7 +5,8 @@
 
 #include "vdit/attention/attention.h"
 #include "vdit/attention/attention_bench.h"
-#include "vdit/attention/hooks.h"
+#include "vdit/attention/processors.h"
+#include "test_helpers.h"
 #include "vdit/common.h"
 #include "../attention/attention_internal.h"
 
@@ -54,9 +55,7 @@ at::Tensor reference(const QKV& t, const AttentionCall& call) {
   return attention_materialized(t.q.to(at::kDouble), t.k.to(at::kDouble), t.v.to(at::kDouble), call);
 }
 
-bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
-  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && at::equal(a.contiguous(), b.contiguous());
-}
+using vdit_test::bitwise_equal;
 
 // Independent brute force of ALGORITHMS.md §2 (non-causal, stride 1) for one axis: is key y
 // visible from query x?
@@ -337,22 +336,22 @@ TEST_CASE("SoftPAG head perturbation", "[attention]") {
   site.kind = AttentionKind::Self;
   const at::Tensor plain = attention(t.q, t.k, t.v, call);
   SECTION("u = 0 changes nothing") {
-    HeadPerturbationHook hook({{{3, 1}, 0.0}, {{3, 2}, 0.0}});
+    HeadPerturbation hook({{{3, 1}, 0.0}, {{3, 2}, 0.0}});
     CHECK(bitwise_equal(hook.attend(site, t.q, t.k, t.v, call), plain));
   }
   SECTION("u = 1 returns V on the chosen heads, other heads bitwise unchanged") {
-    HeadPerturbationHook hook({{{3, 1}, 1.0}, {{3, 2}, 1.0}});
+    HeadPerturbation hook({{{3, 1}, 1.0}, {{3, 2}, 1.0}});
     const at::Tensor out = hook.attend(site, t.q, t.k, t.v, call);
     for (std::int64_t h = 0; h < 4; ++h) {
       const bool chosen = h == 1 || h == 2;
       CHECK(bitwise_equal(out.select(1, h), chosen ? t.v.select(1, h) : plain.select(1, h)));
     }
-    HeadPerturbationHook all({{{3, 0}, 1.0}, {{3, 1}, 1.0}, {{3, 2}, 1.0}, {{3, 3}, 1.0}});
+    HeadPerturbation all({{{3, 0}, 1.0}, {{3, 1}, 1.0}, {{3, 2}, 1.0}, {{3, 3}, 1.0}});
     CHECK(bitwise_equal(all.attend(site, t.q, t.k, t.v, call), t.v));
   }
   SECTION("intermediate u equals the explicit interpolated map") {
     const double u = 0.3;
-    HeadPerturbationHook hook({{{3, 2}, u}});
+    HeadPerturbation hook({{{3, 2}, u}});
     const at::Tensor out = hook.attend(site, t.q, t.k, t.v, call);
     const at::Tensor qd = t.q.select(1, 2).to(at::kDouble), kd = t.k.select(1, 2).to(at::kDouble);
     const at::Tensor map = at::softmax(at::matmul(qd, kd.transpose(-2, -1)) * effective_scale(call, 16), -1);
@@ -360,19 +359,45 @@ TEST_CASE("SoftPAG head perturbation", "[attention]") {
     CHECK(rel_err(out.select(1, 2), at::matmul(mixed, t.v.select(1, 2).to(at::kDouble))) <= 1e-5);
     CHECK(bitwise_equal(out.select(1, 0), plain.select(1, 0)));
   }
-  SECTION("other layers, branches and cross-attention pass through") {
-    HeadPerturbationHook hook({{{3, 1}, 1.0}}, /*branch=*/0);
+  SECTION("other layers, rows of other roles and cross-attention pass through") {
+    HeadPerturbation hook({{{3, 1}, 1.0}}, {RowRole::Perturbed});
     AttentionSite other = site;
     other.layer = 4;
     CHECK(bitwise_equal(hook.attend(other, t.q, t.k, t.v, call), plain));
     other = site;
-    other.branch = 1;
+    const std::vector<RowRole> unperturbed{RowRole::Cond, RowRole::Uncond};
+    other.rows = &unperturbed;
     CHECK(bitwise_equal(hook.attend(other, t.q, t.k, t.v, call), plain));
+    // Unlabelled rows are not of the perturbed role either.
+    CHECK(bitwise_equal(hook.attend(site, t.q, t.k, t.v, call), plain));
     other = site;
     other.kind = AttentionKind::Cross;
     CHECK(bitwise_equal(hook.attend(other, t.q, t.k, t.v, call), plain));
   }
-  CHECK_THROWS_AS(HeadPerturbationHook({{{0, 0}, 1.5}}), InputError);
+  SECTION("only the rows of the chosen role are perturbed, in a batch of several roles") {
+    HeadPerturbation hook({{{3, 1}, 1.0}}, {RowRole::Perturbed});
+    AttentionSite labelled = site;
+    const std::vector<RowRole> roles{RowRole::Cond, RowRole::Perturbed};
+    labelled.rows = &roles;
+    const at::Tensor out = hook.attend(labelled, t.q, t.k, t.v, call);
+    CHECK(bitwise_equal(out.select(0, 0), plain.select(0, 0)));
+    CHECK(bitwise_equal(out.select(0, 1).select(0, 1), t.v.select(0, 1).select(0, 1)));
+    CHECK(bitwise_equal(out.select(0, 1).select(0, 0), plain.select(0, 1).select(0, 0)));
+  }
+  SECTION("heads are global: a call holding heads 2..3 of the layer perturbs its local head 0 for global head 2") {
+    HeadPerturbation hook({{{3, 2}, 1.0}});
+    AttentionSite slice = site;
+    slice.head_offset = 2;
+    const at::Tensor q2 = t.q.narrow(1, 2, 2), k2 = t.k.narrow(1, 2, 2), v2 = t.v.narrow(1, 2, 2);
+    const at::Tensor out = hook.attend(slice, q2, k2, v2, call);
+    CHECK(bitwise_equal(out.select(1, 0), v2.select(1, 0)));
+    CHECK(bitwise_equal(out.select(1, 1), attention(q2, k2, v2, call).select(1, 1)));
+    // Global head 1 is not in this slice: nothing changes.
+    HeadPerturbation elsewhere({{{3, 1}, 1.0}});
+    CHECK(bitwise_equal(elsewhere.attend(slice, q2, k2, v2, call), attention(q2, k2, v2, call)));
+  }
+  CHECK_THROWS_AS(HeadPerturbation({{{0, 0}, 1.5}}), InputError);
+  CHECK_THROWS_AS(HeadPerturbation({{{3, 4}, 1.0}}).attend(site, t.q, t.k, t.v, call), InputError);
 }
 
 TEST_CASE("cross-attention output cache", "[attention]") {
@@ -382,12 +407,12 @@ TEST_CASE("cross-attention output cache", "[attention]") {
   AttentionSite site;
   site.kind = AttentionKind::Cross;
   site.layer = 5;
-  CrossAttentionOutputCache cache(/*branch=*/0, at::Device(at::kCPU));
+  CrossAttentionOutputCache cache({RowRole::Cond}, at::Device(at::kCPU));
   CHECK(bitwise_equal(cache.attend(site, step0.q, step0.k, step0.v, call), attention(step0.q, step0.k, step0.v, call)));
-  CHECK_FALSE(cache.has(5, 0));  // Off: nothing stored
+  CHECK_FALSE(cache.has(5, RowRole::Cond));  // Off: nothing stored
   cache.set_mode(CrossAttentionOutputCache::Mode::Record);
   const at::Tensor recorded = cache.attend(site, step0.q, step0.k, step0.v, call);
-  CHECK(cache.has(5, 0));
+  CHECK(cache.has(5, RowRole::Cond));
   CHECK(cache.stored_bytes() == recorded.numel() * 4);
   cache.set_mode(CrossAttentionOutputCache::Mode::Reuse);
   // Reuse returns the recorded output (computed from step 0) even for step 1's inputs, and equals a
@@ -399,9 +424,10 @@ TEST_CASE("cross-attention output cache", "[attention]") {
   // A batch of 2 reuses a stored batch of 1.
   const QKV two = make_qkv(2, 2, 30, 12, 16, 151);
   CHECK(bitwise_equal(cache.attend(site, two.q, two.k, two.v, call).select(0, 1), recorded.select(0, 0)));
-  // Other branches and self-attention are computed.
+  // Rows of other roles and self-attention are computed.
   AttentionSite uncond = site;
-  uncond.branch = 1;
+  const std::vector<RowRole> uncond_rows{RowRole::Uncond};
+  uncond.rows = &uncond_rows;
   CHECK(bitwise_equal(cache.attend(uncond, step1.q, step1.k, step1.v, call), attention(step1.q, step1.k, step1.v, call)));
   AttentionSite missing = site;
   missing.layer = 6;
@@ -531,28 +557,28 @@ TEST_CASE("cross-attention edits (prompt-to-prompt algebra)", "[attention]") {
   }
 }
 
-TEST_CASE("hooks compose in a HookChain", "[attention]") {
+TEST_CASE("processors compose in a ProcessorChain", "[attention]") {
   const Grid3 grid{2, 3, 4};
   const QKV self = make_qkv(1, 3, 24, 24, 16, 221);
   const QKV cross = make_qkv(1, 3, 24, 6, 16, 231);
   AttentionCall call;
   call.grid = grid;
-  auto pag = std::make_shared<HeadPerturbationHook>(std::map<HeadPerturbationHook::HeadKey, double>{{{0, 1}, 1.0}});
+  auto pag = std::make_shared<HeadPerturbation>(std::map<HeadPerturbation::HeadKey, double>{{{0, 1}, 1.0}});
   auto capture = std::make_shared<CrossAttentionMapCapture>();
   auto cache = std::make_shared<CrossAttentionOutputCache>();
   cache->set_mode(CrossAttentionOutputCache::Mode::Record);
-  HookChain chain({pag, capture, cache});
+  ProcessorChain chain({pag, capture, cache});
   AttentionSite s_site, c_site;
   c_site.kind = AttentionKind::Cross;
   const at::Tensor s_out = chain.attend(s_site, self.q, self.k, self.v, call);
-  CHECK(bitwise_equal(s_out, HeadPerturbationHook({{{0, 1}, 1.0}}).attend(s_site, self.q, self.k, self.v, call)));
+  CHECK(bitwise_equal(s_out, HeadPerturbation({{{0, 1}, 1.0}}).attend(s_site, self.q, self.k, self.v, call)));
   const at::Tensor c_out = chain.attend(c_site, cross.q, cross.k, cross.v, call);
   CHECK(bitwise_equal(c_out, attention(cross.q, cross.k, cross.v, call)));
   CHECK(capture->captured_calls() == 1);
-  CHECK(cache->has(0, 0));
+  CHECK(cache->has(0, RowRole::Cond));
   // Nested chains and an empty chain behave like the plain kernel.
-  HookChain outer;
-  outer.add(std::make_shared<HookChain>());
+  ProcessorChain outer;
+  outer.add(std::make_shared<ProcessorChain>());
   CHECK(bitwise_equal(outer.attend(s_site, self.q, self.k, self.v, call), attention(self.q, self.k, self.v, call)));
 }
 

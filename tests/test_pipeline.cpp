@@ -188,27 +188,37 @@ TEST_CASE("euler-a in the pipeline: the run's seed fixes its noise; eta 0 is Eul
   CHECK_THROWS_WITH(validate_t2v_settings(settings), Catch::Contains("--eta"));
 }
 
-TEST_CASE("strength below 1 runs the tail of the schedule from the given latent", "[pipeline]") {
+TEST_CASE("strength below 1 noises the clean latent to the first kept sigma and runs the remaining steps (SDEdit)", "[pipeline]") {
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
   WanT2VPipeline pipeline(tiny_model_files(), WanT2VOptions{});
   T2VSettings settings = tiny_settings("euler", 4);
   settings.strength = 0.5;
   const auto tail = pipeline.make_sampler_for(settings);
   REQUIRE(tail->begin_index() == 2);
-  const at::Tensor start = file->tensor("noise");
+  const at::Tensor noise = file->tensor("noise");
+  const at::Tensor clean = 0.5 * at::tanh(file->tensor("noise").flip({1}));  // any latent of the right shape
   const at::Tensor from_tail =
-      pipeline.denoise(start, file->tensor("context_positive"), file->tensor("context_negative"), settings);
-  // The same two Euler steps as a custom schedule of the tail's sigmas.
+      pipeline.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings, {}, clean);
+  // The definition: x = (1 - s) clean + s noise at the first kept sigma s, then the same two Euler
+  // steps as a custom schedule of the tail's sigmas.
   T2VSettings custom = settings;
   custom.strength = 1.0;
   custom.sigmas = {tail->sigmas()[2], tail->sigmas()[3]};
+  const at::Tensor start = add_noise(clean, noise, tail->sigmas()[2]);
   const at::Tensor from_custom =
       pipeline.denoise(start, file->tensor("context_positive"), file->tensor("context_negative"), custom);
   CHECK(max_abs_diff(from_tail, start) > 1e-2);
   CHECK(at::allclose(from_tail, from_custom, 1e-4, 1e-4));
-  // generate() has no input clip to noise, so it refuses strength below 1.
+  // Strength 1 starts from pure noise whatever clean latent is given.
+  settings.strength = 1.0;
+  CHECK(at::equal(pipeline.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings, {}, clean),
+                  pipeline.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings)));
+  // generate() needs an input for strength below 1, of the run's size.
+  settings.strength = 0.5;
   settings.prompt = "x";
-  CHECK_THROWS_AS(pipeline.generate(settings), InputError);
+  CHECK_THROWS_WITH(pipeline.generate(settings), Catch::Contains("--init"));
+  settings.init_video = at::zeros({3, 5, 32, 48});
+  CHECK_THROWS_WITH(pipeline.generate(settings), Catch::Contains("init video"));
   settings.strength = 0.0;
   CHECK_THROWS_WITH(validate_t2v_settings(settings), Catch::Contains("--strength"));
 }

@@ -5,6 +5,8 @@
 #include "vdit/io/checkpoint.h"
 #include "vdit/io/safetensors.h"
 #include "vdit/models/wan_dit.h"
+#include "vdit/attention/processors.h"
+#include "test_helpers.h"
 
 #include <nlohmann/json.hpp>
 
@@ -79,13 +81,12 @@ bool numpy_allclose(const at::Tensor& a, const at::Tensor& b, double atol, doubl
   return (ad - bd).abs().le(atol + rtol * bd.abs()).all().item<bool>();
 }
 
-at::Tensor run(WanDiT& model, const Case& c, std::map<std::string, at::Tensor>* capture = nullptr) {
+at::Tensor run(WanDiT& model, const Case& c, std::map<std::string, at::Tensor>* capture = nullptr,
+               DiTCall call = DiTCall{}) {
   torch::NoGradGuard no_grad;
-  model->capture = capture;
-  const WanTextCondition cond = model->encode_text(c.context());
-  at::Tensor out = model->forward(c.x(), c.t(), cond);
-  model->capture = nullptr;
-  return out;
+  const WanTextCondition cond = model->encode_text(c.context(), capture);
+  call.capture = capture;
+  return model->forward(c.x(), c.t(), cond, call);
 }
 
 void report(const std::string& what, double err) { std::printf("[dit] %-52s max abs err %.3g\n", what.c_str(), err); }
@@ -244,35 +245,53 @@ TEST_CASE("Wan DiT batches cond and uncond together", "[dit]") {
 
 namespace {
 
-struct RecordingHooks : AttentionHooks {
+using vdit_test::bitwise_equal;
+
+// The reference for windowed self-attention: the whole score matrix with the explicit
+// inward-clamped neighbourhood mask, in float64.
+struct MaterializedWindow : AttentionProcessor {
+  at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionCall& call, const AttentionFn&) override {
+    return attention_materialized(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), call).to(q.scalar_type());
+  }
+};
+
+struct RecordingProcessor : AttentionProcessor {
   struct Seen {
     AttentionSite site;
+    std::vector<RowRole> rows;
     AttentionCall call;
     std::vector<std::int64_t> q_shape, k_shape;
   };
   std::vector<Seen> seen;
   bool zero_cross = false;
-  at::Tensor attend(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const AttentionCall& call) override {
-    seen.push_back({site, call, q.sizes().vec(), k.sizes().vec()});
+  at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionCall& call, const AttentionFn& inner) override {
+    seen.push_back({site, site.rows ? *site.rows : std::vector<RowRole>{}, call, q.sizes().vec(), k.sizes().vec()});
     if (zero_cross && site.kind == AttentionKind::Cross) return at::zeros_like(q);
     AttentionCall plain = call;
     plain.window.reset();  // the windowed engine is not this test's subject
-    return attention(q, k, v, plain);
+    return inner(site, q, k, v, plain);
   }
 };
 
 }  // namespace
 
-TEST_CASE("Wan DiT routes every attention through the hooks", "[dit]") {
+TEST_CASE("Wan DiT routes every attention through the processors of its call", "[dit]") {
   WanDiT model = load_model(kDir + "weights.safetensors", at::kFloat);
   const Case c = load_case("video");
   const at::Tensor plain = run(model, c);
 
-  auto hooks = std::make_shared<RecordingHooks>();
-  model->hooks = hooks;
-  model->attention_branch = 1;
-  const at::Tensor hooked = run(model, c);
+  auto hooks = std::make_shared<RecordingProcessor>();
+  AttentionProcessors processors;
+  processors.set(hooks);
+  StepInfo step;
+  step.index = 7;
+  DiTCall call;
+  call.processors = &processors;
+  call.step = &step;
+  call.row_roles = {RowRole::Uncond};
+  const at::Tensor hooked = run(model, c, nullptr, call);
   CHECK(max_abs_diff(hooked, plain) == 0.0);
   const auto layers = tiny_config().num_layers;
   REQUIRE(hooks->seen.size() == static_cast<std::size_t>(2 * layers));
@@ -282,7 +301,11 @@ TEST_CASE("Wan DiT routes every attention through the hooks", "[dit]") {
     CHECK(s.call.grid.t == 3);
     CHECK(s.call.grid.h == 3);
     CHECK(s.call.grid.w == 5);
-    CHECK(s.site.branch == 1);
+    CHECK(s.rows == std::vector<RowRole>{RowRole::Uncond});
+    REQUIRE(s.site.step != nullptr);
+    CHECK(s.site.step->index == 7);
+    CHECK(s.site.grid.numel() == 45);
+    CHECK(s.site.head_offset == 0);
     CHECK(s.call.valid_keys == -1);
     CHECK(s.call.scale == Approx(1.0 / std::sqrt(head_dim)));
     CHECK(s.q_shape == std::vector<std::int64_t>{1, 2, 45, 32});
@@ -298,11 +321,12 @@ TEST_CASE("Wan DiT routes every attention through the hooks", "[dit]") {
 
   // Temperature and window reach self-attention only.
   hooks->seen.clear();
-  model->self_attn_scale_factor = 0.5;
+  DiTCall tempered_call = call;
+  tempered_call.self_attn_scale_factor = 0.5;
   Window3 window;
   window.size = {3, 3, 3};
-  model->self_attn_window = window;
-  const at::Tensor tempered = run(model, c);
+  tempered_call.self_attn_window = window;
+  const at::Tensor tempered = run(model, c, nullptr, tempered_call);
   for (const auto& s : hooks->seen) {
     if (s.site.kind == AttentionKind::Self) {
       CHECK(s.call.scale == Approx(0.5 / std::sqrt(head_dim)));
@@ -316,10 +340,64 @@ TEST_CASE("Wan DiT routes every attention through the hooks", "[dit]") {
   CHECK(max_abs_diff(tempered, plain) > 1e-3);
 
   // What a hook returns is what the model uses.
-  model->self_attn_scale_factor = 1.0;
-  model->self_attn_window.reset();
   hooks->zero_cross = true;
-  CHECK(max_abs_diff(run(model, c), plain) > 1e-3);
+  CHECK(max_abs_diff(run(model, c, nullptr, call), plain) > 1e-3);
+
+  // A processor registered for one (layer, kind) sees only that site.
+  auto only = std::make_shared<RecordingProcessor>();
+  AttentionProcessors one_site;
+  one_site.set(1, AttentionKind::Cross, only);
+  DiTCall one_call;
+  one_call.processors = &one_site;
+  CHECK(max_abs_diff(run(model, c, nullptr, one_call), plain) == 0.0);
+  REQUIRE(only->seen.size() == 1);
+  CHECK(only->seen[0].site.layer == 1);
+  CHECK(only->seen[0].site.kind == AttentionKind::Cross);
+}
+
+TEST_CASE("Wan DiT forwards with different windows and processors interleave with no state left behind", "[dit]") {
+  WanDiT model = load_model(kDir + "weights.safetensors", at::kFloat);
+  const Case c = load_case("video");
+  const at::Tensor plain = run(model, c);
+  DiTCall windowed;
+  windowed.self_attn_window = Window3{{1, 3, 3}, {1, 1, 1}};
+  windowed.self_attn_scale_factor = 1.04608;
+  const at::Tensor win = run(model, c, nullptr, windowed);
+  CHECK(max_abs_diff(win, plain) > 1e-4);
+  auto pag = std::make_shared<HeadPerturbation>(std::map<HeadPerturbation::HeadKey, double>{{{0, 1}, 1.0}});
+  AttentionProcessors processors;
+  processors.set(AttentionKind::Self, pag);
+  DiTCall perturbed;
+  perturbed.processors = &processors;
+  const at::Tensor pert = run(model, c, nullptr, perturbed);
+  CHECK(max_abs_diff(pert, plain) > 1e-4);
+  // Back to back in any order, each call gives its own answer bitwise.
+  CHECK(bitwise_equal(run(model, c), plain));
+  CHECK(bitwise_equal(run(model, c, nullptr, perturbed), pert));
+  CHECK(bitwise_equal(run(model, c, nullptr, windowed), win));
+  CHECK(bitwise_equal(run(model, c), plain));
+  CHECK(bitwise_equal(run(model, c, nullptr, windowed), win));
+  // The window equals the reference computed with the explicit inward-clamped mask.
+  const WanTextCondition cond = model->encode_text(c.context());
+  DiTCall generic = windowed;
+  auto materialized = std::make_shared<MaterializedWindow>();
+  AttentionProcessors reference;
+  reference.set(AttentionKind::Self, materialized);
+  generic.processors = &reference;
+  torch::NoGradGuard no_grad;
+  CHECK(max_abs_diff(model->forward(c.x(), c.t(), cond, generic), win) < 1e-5);
+}
+
+TEST_CASE("Wan DiT position offsets shift RoPE like a crop of a larger grid", "[dit]") {
+  const std::int64_t head_dim = 32;
+  const Grid3 big{4, 6, 8}, crop{2, 3, 4};
+  const auto whole = wan_rope_for_grid(head_dim, big);
+  const auto part = wan_rope_for_grid(head_dim, crop, at::kCPU, {1, 2, 3});
+  // Token (t, h, w) of the crop is token (t + 1, h + 2, w + 3) of the big grid.
+  const at::Tensor big_cos = whole.first.view({big.t, big.h, big.w, head_dim / 2});
+  const at::Tensor expected = big_cos.slice(0, 1, 3).slice(1, 2, 5).slice(2, 3, 7).reshape({crop.numel(), head_dim / 2});
+  CHECK(bitwise_equal(part.first, expected));
+  CHECK(bitwise_equal(wan_rope_for_grid(head_dim, crop, at::kCPU, {0, 0, 0}).first, wan_rope_for_grid(head_dim, crop).first));
 }
 
 TEST_CASE("Wan DiT key names: original, diffusers, ComfyUI", "[dit]") {

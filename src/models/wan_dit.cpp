@@ -507,13 +507,15 @@ std::pair<at::Tensor, at::Tensor> wan_rope_table(std::int64_t head_dim, std::int
   return {all.cos(), all.sin()};
 }
 
-std::pair<at::Tensor, at::Tensor> wan_rope_for_grid(std::int64_t head_dim, const Grid3& grid, at::Device device) {
+std::pair<at::Tensor, at::Tensor> wan_rope_for_grid(std::int64_t head_dim, const Grid3& grid, at::Device device,
+                                                    std::array<std::int64_t, 3> offset) {
   const auto pairs = rope_axis_pairs(head_dim);
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
   const std::array<std::int64_t, 3> extent{grid.t, grid.h, grid.w};
   std::vector<at::Tensor> per_axis;
   for (int a = 0; a < 3; ++a) {
-    at::Tensor angle = at::outer(at::arange(extent[a], opts), rope_axis_frequencies(pairs[a], device));  // [n_a, c_a]
+    const at::Tensor positions = at::arange(offset[a], offset[a] + extent[a], opts);
+    at::Tensor angle = at::outer(positions, rope_axis_frequencies(pairs[a], device));  // [n_a, c_a]
     std::vector<std::int64_t> view_shape{1, 1, 1, pairs[a]};
     view_shape[a] = extent[a];
     per_axis.push_back(angle.view(view_shape).expand({grid.t, grid.h, grid.w, pairs[a]}));
@@ -650,7 +652,8 @@ AttentionImpl::AttentionImpl(std::int64_t dim_, std::int64_t num_heads_, bool qk
 
 at::Tensor AttentionImpl::attend(const AttentionSite& site, const at::Tensor& q_, const at::Tensor& k_,
                                  const at::Tensor& v_, const AttentionCall& call, const BlockContext& ctx) const {
-  return ctx.hooks ? ctx.hooks->attend(site, q_, k_, v_, call) : attention(q_, k_, v_, call);
+  AttentionProcessor* processor = ctx.call->processors ? ctx.call->processors->find(site.layer, site.kind) : nullptr;
+  return processor ? processor->attend(site, q_, k_, v_, call) : attention(q_, k_, v_, call);
 }
 
 at::Tensor AttentionImpl::self_attention(const at::Tensor& x, int layer, const BlockContext& ctx) {
@@ -668,11 +671,8 @@ at::Tensor AttentionImpl::self_attention(const at::Tensor& x, int layer, const B
   AttentionCall call;
   call.scale = ctx.self_attn_scale;
   call.grid = ctx.grid;
-  call.window = ctx.self_attn_window;
-  AttentionSite site;
-  site.layer = layer;
-  site.kind = AttentionKind::Self;
-  site.branch = ctx.branch;
+  call.window = ctx.call->self_attn_window;
+  const AttentionSite site = ctx.site(layer, AttentionKind::Self);
   const at::Tensor out = attend(site, qa, ka, va, call, ctx);  // [B, heads, N, D]
   return o->forward(out.transpose(1, 2).reshape({B, N, dim}));
 }
@@ -698,10 +698,7 @@ at::Tensor AttentionImpl::cross_attention(const at::Tensor& x, int layer, const 
   AttentionCall call;
   call.scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   call.grid = ctx.grid;
-  AttentionSite site;
-  site.layer = layer;
-  site.kind = AttentionKind::Cross;
-  site.branch = ctx.branch;
+  const AttentionSite site = ctx.site(layer, AttentionKind::Cross);
   // All text_len rows, zero-padding included, are attended: no key mask (as the reference).
   const at::Tensor out = attend(site, qa, ctx.cond->keys[layer], ctx.cond->values[layer], call, ctx);
   return o->forward(out.transpose(1, 2).reshape({B, N, dim}));
@@ -823,7 +820,7 @@ at::ScalarType WanDiTImpl::attention_dtype(const at::Device& device) const {
   return compute_dtype_ == at::kHalf && device.is_cpu() ? at::kFloat : compute_dtype_;
 }
 
-WanTextCondition WanDiTImpl::encode_text(const at::Tensor& context) {
+WanTextCondition WanDiTImpl::encode_text(const at::Tensor& context, std::map<std::string, at::Tensor>* capture) {
   at::Tensor ctx = context.dim() == 2 ? context.unsqueeze(0) : context;
   if (ctx.dim() != 3 || ctx.size(2) != config.text_dim) {
     throw InputError("DiT text context must be [B, L, " + std::to_string(config.text_dim) + "], got " +
@@ -850,8 +847,10 @@ WanTextCondition WanDiTImpl::encode_text(const at::Tensor& context) {
   return cond;
 }
 
-at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const WanTextCondition& cond) {
+at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const WanTextCondition& cond,
+                               const DiTCall& call) {
   const auto& c = config;
+  std::map<std::string, at::Tensor>* capture = call.capture;
   if (x.dim() != 5 || x.size(1) != c.in_dim) {
     throw InputError("DiT input must be [B, " + std::to_string(c.in_dim) + ", F, H, W], got " + shape_string(x.sizes()));
   }
@@ -864,6 +863,10 @@ at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const W
   }
   if (t.numel() != B && t.numel() != 1) {
     throw InputError("DiT timesteps: expected " + std::to_string(B) + " values, got " + std::to_string(t.numel()));
+  }
+  if (!call.row_roles.empty() && static_cast<std::int64_t>(call.row_roles.size()) != B) {
+    throw InputError("DiT call labels " + std::to_string(call.row_roles.size()) + " rows but the batch has " +
+                     std::to_string(B));
   }
   if (static_cast<std::int64_t>(cond.keys.size()) != c.num_layers || static_cast<std::int64_t>(cond.values.size()) != c.num_layers) {
     throw InputError("DiT text condition has " + std::to_string(cond.keys.size()) + " layers; the model has " +
@@ -909,14 +912,12 @@ at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const W
 
   wan::BlockContext ctx;
   ctx.grid = grid;
-  auto rope = wan_rope_for_grid(c.head_dim(), grid, device);
+  auto rope = wan_rope_for_grid(c.head_dim(), grid, device, call.position_offset);
   ctx.rope_cos = rope.first.view({1, N, 1, c.head_dim() / 2}).to(rope_dtype);
   ctx.rope_sin = rope.second.view({1, N, 1, c.head_dim() / 2}).to(rope_dtype);
   ctx.cond = text;
-  ctx.hooks = hooks.get();
-  ctx.self_attn_scale = self_attn_scale_factor / std::sqrt(static_cast<double>(c.head_dim()));
-  ctx.self_attn_window = self_attn_window;
-  ctx.branch = attention_branch;
+  ctx.call = &call;
+  ctx.self_attn_scale = call.self_attn_scale_factor / std::sqrt(static_cast<double>(c.head_dim()));
   ctx.compute_dtype = compute_dtype_;
   ctx.attention_dtype = attention_dtype(device);
 

@@ -1,5 +1,5 @@
-// The one attention entry point every model calls, and the hook interface (attention processors)
-// through which guidance and editing methods change attention per layer and per head.
+// The one attention entry point every model calls, and the attention-processor interface through
+// which guidance, editing, caching and parallelism change attention per layer, row and head.
 //
 // Backends behind vdit::attention():
 //  - CPU, f32 or bf16: blocked attention with an online softmax. GEMMs run in the input dtype
@@ -15,8 +15,13 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
+#include <utility>
+#include <vector>
+
+#include "vdit/step_info.h"
 
 namespace vdit {
 
@@ -110,35 +115,62 @@ void set_attention_tuning(const AttentionTuning& tuning);
 
 enum class AttentionKind { Self, Cross };
 
-// Where an attention call sits in a model, handed to hooks.
+// Where an attention call sits and what it is for, handed to processors by the model. Everything
+// a processor needs arrives here, never through fields of the model.
 struct AttentionSite {
   int layer = 0;
   AttentionKind kind = AttentionKind::Self;
-  int branch = 0;  // which forward of a guided step (0 cond, 1 uncond, ...), set by pipelines
+  const StepInfo* step = nullptr;             // the loop's step; null outside a sampling run
+  const std::vector<RowRole>* rows = nullptr;  // the role of every batch row; null: unlabelled
+  Grid3 grid;                                 // token grid of the queries
+  // The heads of this call are the layer's global heads head_offset .. head_offset + q.size(1) - 1
+  // (a sequence-parallel processor hands its inner call a slice of the heads).
+  std::int64_t head_offset = 0;
+
+  // The batch rows a processor restricted to `roles` acts on: every row when `roles` is empty,
+  // else the rows labelled with one of them (none when the rows are unlabelled).
+  std::vector<std::int64_t> rows_in(const std::vector<RowRole>& roles, std::int64_t batch) const;
 };
 
-// Computes attention for a site: the next hook of a chain, or the plain kernel.
+class AttentionProcessor;
+
+// Computes attention for a site: the next processor of a chain, or the plain kernel.
 using AttentionFn = std::function<at::Tensor(const AttentionSite&, const at::Tensor&, const at::Tensor&,
                                              const at::Tensor&, const AttentionCall&)>;
 
-// An attention processor. Models call hooks->attend() instead of attention() when a hook is set;
-// with no hook the fast path runs untouched.
-// Subclasses override process(): `inner` computes attention for whatever comes after this hook
-// (the rest of a HookChain, or vdit::attention), so hooks compose. attend() runs process() with
-// the plain kernel as `inner`.
-class AttentionHooks {
+// An attention processor (diffusers' term): models call it instead of attention() at the sites it
+// is registered for. process() is the one entry point: `inner` computes attention for whatever
+// comes after this processor (the rest of a ProcessorChain, or vdit::attention), so processors
+// compose; a processor that does not act on a call returns inner(site, q, k, v, call).
+class AttentionProcessor {
  public:
-  virtual ~AttentionHooks() = default;
-  virtual at::Tensor attend(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const AttentionCall& call) {
-    return process(site, q, k, v, call, plain_attention());
-  }
+  virtual ~AttentionProcessor() = default;
   virtual at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
-    return inner(site, q, k, v, call);
+                             const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) = 0;
+  // process() with the plain kernel as `inner`.
+  at::Tensor attend(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const AttentionCall& call) {
+    return process(site, q, k, v, call, plain_attention());
   }
   // vdit::attention as an AttentionFn.
   static const AttentionFn& plain_attention();
+};
+
+// Which processor runs at which site, as diffusers' set_attn_processor: one for every site, one
+// per kind, or one per (layer, kind); the most specific registration wins. Sites with none run
+// the plain kernel.
+class AttentionProcessors {
+ public:
+  AttentionProcessors& set(std::shared_ptr<AttentionProcessor> processor);
+  AttentionProcessors& set(AttentionKind kind, std::shared_ptr<AttentionProcessor> processor);
+  AttentionProcessors& set(int layer, AttentionKind kind, std::shared_ptr<AttentionProcessor> processor);
+  AttentionProcessor* find(int layer, AttentionKind kind) const;
+  bool empty() const { return !all_ && by_kind_.empty() && by_site_.empty(); }
+
+ private:
+  std::shared_ptr<AttentionProcessor> all_;
+  std::map<AttentionKind, std::shared_ptr<AttentionProcessor>> by_kind_;
+  std::map<std::pair<int, AttentionKind>, std::shared_ptr<AttentionProcessor>> by_site_;
 };
 
 }  // namespace vdit

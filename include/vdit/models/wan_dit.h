@@ -97,9 +97,10 @@ std::string wan_dit_diffusers_key(const std::string& key);
 std::pair<at::Tensor, at::Tensor> wan_rope_table(std::int64_t head_dim, std::int64_t positions);
 
 // cos/sin per token of a (t, h, w) token grid flattened with w fastest: [grid.numel(), head_dim/2]
-// float64 on `device`.
+// float64 on `device`; `offset` is the position of the grid's first token on each axis.
 std::pair<at::Tensor, at::Tensor> wan_rope_for_grid(std::int64_t head_dim, const Grid3& grid,
-                                                    at::Device device = at::kCPU);
+                                                    at::Device device = at::kCPU,
+                                                    std::array<std::int64_t, 3> offset = {0, 0, 0});
 
 // [cos(t f_j) | sin(t f_j)] with f_j = 10000^(-j/(dim/2)), float64: [B, dim].
 at::Tensor wan_timestep_sinusoid(const at::Tensor& t, std::int64_t dim);
@@ -181,17 +182,49 @@ class TimeProjectionImpl : public torch::nn::Module {
 };
 TORCH_MODULE(TimeProjection);
 
+}  // namespace wan
+
+// What one DiT forward does besides its weights: everything that may differ between two forwards
+// of the same model lives here, so forwards with different windows or processors can interleave.
+struct DiTCall {
+  // Attention processors per (layer, kind); null: the plain kernel everywhere.
+  const AttentionProcessors* processors = nullptr;
+  // Self-attention restricted to a 3D window of tokens (nullopt: full attention).
+  std::optional<Window3> self_attn_window;
+  // Temperature: multiplies 1/sqrt(head_dim) in self-attention only (FreeSwim: 1.04608).
+  double self_attn_scale_factor = 1.0;
+  // RoPE position of the first token on each axis (t, h, w), for a crop or window of a larger grid.
+  std::array<std::int64_t, 3> position_offset{0, 0, 0};
+  // Handed to the processors: the loop's step and the role of every batch row (empty: unlabelled).
+  const StepInfo* step = nullptr;
+  std::vector<RowRole> row_roles;
+  // When set, filled with f32 copies of intermediates: "patch_embedding" [B,dim,F',H',W'],
+  // "time_embedding_e" [B,dim], "time_projection_e0" [B,6,dim], "block<i>_out" [B,N,dim],
+  // "head_out" [B,N,prod(patch)*out_dim].
+  std::map<std::string, at::Tensor>* capture = nullptr;
+};
+
+namespace wan {
+
 // Everything one block's forward needs besides its own weights.
 struct BlockContext {
   Grid3 grid;
   at::Tensor rope_cos, rope_sin;  // [1, N, 1, head_dim/2], float64 (or f32, see WanDiTImpl::rope_dtype)
   const WanTextCondition* cond = nullptr;
-  AttentionHooks* hooks = nullptr;
+  const DiTCall* call = nullptr;
   double self_attn_scale = 0.0;
-  std::optional<Window3> self_attn_window;
-  int branch = 0;
   at::ScalarType attention_dtype = at::kFloat;
   at::ScalarType compute_dtype = at::kFloat;
+  // The processors' view of an attention call of this forward.
+  AttentionSite site(int layer, AttentionKind kind) const {
+    AttentionSite s;
+    s.layer = layer;
+    s.kind = kind;
+    s.step = call->step;
+    s.rows = call->row_roles.empty() ? nullptr : &call->row_roles;
+    s.grid = grid;
+    return s;
+  }
 };
 
 // WanSelfAttention / WanT2VCrossAttention: q, k, v, o and the full-dim RMS norms norm_q, norm_k.
@@ -262,12 +295,15 @@ class WanDiTImpl : public torch::nn::Module {
   static bool is_f32_parameter(const std::string& name);
 
   // context [B, L, text_dim] (or [L, text_dim]), L <= text_len: zero-padded to text_len rows,
-  // embedded, and turned into every layer's cross-attention keys/values.
-  WanTextCondition encode_text(const at::Tensor& context);
+  // embedded, and turned into every layer's cross-attention keys/values. `capture` (optional)
+  // receives an f32 copy of "text_embedding" [B,text_len,dim].
+  WanTextCondition encode_text(const at::Tensor& context, std::map<std::string, at::Tensor>* capture = nullptr);
 
   // x [B, in_dim, F, H, W] latents, t [B] (or [1]) timesteps, cond with batch B (or 1, shared)
-  // -> [B, out_dim, F, H, W] f32.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const WanTextCondition& cond);
+  // -> [B, out_dim, F, H, W] f32. `call` says how (processors, window, ...); the model keeps no
+  // state between forwards.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const WanTextCondition& cond,
+                     const DiTCall& call = DiTCall{});
 
   const WanDiTConfig config;
   wan::PatchEmbedding patch_embedding{nullptr};
@@ -277,22 +313,10 @@ class WanDiTImpl : public torch::nn::Module {
   torch::nn::ModuleList blocks{nullptr};
   wan::Head head{nullptr};
 
-  // Attention processors; null = vdit::attention directly.
-  std::shared_ptr<AttentionHooks> hooks;
-  // Temperature: multiplies 1/sqrt(head_dim) in self-attention only.
-  double self_attn_scale_factor = 1.0;
-  // Passed through to every self-attention call (nullopt = full attention).
-  std::optional<Window3> self_attn_window;
-  // AttentionSite::branch of the calls this model makes (set by guidance pipelines).
-  int attention_branch = 0;
   // RoPE rotation dtype: float64 as the reference (the default, for parity with real checkpoints)
   // or f32, which the demo trainer uses because the float64 rotation and its backward are a
   // measurable share of a small model's training step; angles differ by < 1e-7 relative.
   at::ScalarType rope_dtype = at::kDouble;
-  // When set, filled with f32 copies of intermediates: "patch_embedding" [B,dim,F',H',W'],
-  // "time_embedding_e" [B,dim], "time_projection_e0" [B,6,dim], "text_embedding" [B,text_len,dim],
-  // "block<i>_out" [B,N,dim], "head_out" [B,N,prod(patch)*out_dim].
-  std::map<std::string, at::Tensor>* capture = nullptr;
 
  private:
   at::ScalarType attention_dtype(const at::Device& device) const;

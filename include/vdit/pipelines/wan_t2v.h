@@ -5,6 +5,7 @@
 
 #include "vdit/models/wan_checkpoint.h"
 #include "vdit/models/wan_vae.h"
+#include "vdit/pipelines/guidance.h"
 #include "vdit/samplers/sampler.h"
 
 #include <ATen/ATen.h>
@@ -126,6 +127,8 @@ class WanT2VPipeline {
   void release_vae();
   // The sampler this pipeline would use for `settings` (scheduler config honoured).
   std::unique_ptr<FlowSampler> make_sampler_for(const T2VSettings& settings) const;
+  // The guidance terms of `settings`: CFG (guidance != 1), then autoguidance (autoguidance != 1).
+  Guidance guidance_for(const T2VSettings& settings) const;
 
   const WanModelFiles& files() const { return files_; }
   // Read from the model's VAE and DiT configs (weights are not loaded). Computed once.

@@ -1,7 +1,8 @@
-// Attention processors built on AttentionHooks: SoftPAG head perturbation, cross-attention map
-// capture, prompt-to-prompt style edits, a cross-attention output cache (FreeSwim), and a chain
-// that composes them. Every hook passes calls it does not target straight to `inner`, so a hook
-// set on a model changes nothing outside its layers/branches.
+// Attention processors: SoftPAG head perturbation, cross-attention map capture, prompt-to-prompt
+// style edits, a cross-attention output cache (FreeSwim), and a chain that composes them. Each
+// acts on the batch rows of the roles it is given (AttentionSite::rows; no roles: every row) and
+// passes everything else straight to `inner`, so a processor changes nothing outside its layers
+// and rows.
 #pragma once
 
 #include "vdit/attention/attention.h"
@@ -15,52 +16,53 @@
 
 namespace vdit {
 
-// Runs hooks in order: the first is outermost (sees the inputs first and the output last); the
-// last one's `inner` is the plain kernel (or the chain's own inner when chains nest).
-class HookChain : public AttentionHooks {
+// Runs processors in order: the first is outermost (sees the inputs first and the output last);
+// the last one's `inner` is the plain kernel (or the chain's own inner when chains nest).
+class ProcessorChain : public AttentionProcessor {
  public:
-  HookChain() = default;
-  explicit HookChain(std::vector<std::shared_ptr<AttentionHooks>> hooks) : hooks_(std::move(hooks)) {}
-  HookChain& add(std::shared_ptr<AttentionHooks> hook);
-  const std::vector<std::shared_ptr<AttentionHooks>>& hooks() const { return hooks_; }
+  ProcessorChain() = default;
+  explicit ProcessorChain(std::vector<std::shared_ptr<AttentionProcessor>> processors);
+  ProcessorChain& add(std::shared_ptr<AttentionProcessor> processor);
+  const std::vector<std::shared_ptr<AttentionProcessor>>& processors() const { return processors_; }
   at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionCall& call, const AttentionFn& inner) override;
 
  private:
-  std::vector<std::shared_ptr<AttentionHooks>> hooks_;
+  std::vector<std::shared_ptr<AttentionProcessor>> processors_;
 };
 
 // SoftPAG (HeadHunter eq. 7) on chosen heads: out_h = (1 − u)·attention_h + u·V_h, i.e. the map
 // interpolated towards the identity without forming it. u = 1 is PAG (the head returns V), u = 0
-// leaves the head as is; heads not listed are returned bitwise unchanged. Applies to
-// self-attention, on `branch` only (nullopt: every branch).
-class HeadPerturbationHook : public AttentionHooks {
+// leaves the head as is; heads and rows not selected are returned bitwise unchanged. Heads are
+// global indices (site.head_offset maps them onto a call that holds a slice of the heads).
+// Applies to self-attention, on the rows of `roles` (empty: every row).
+class HeadPerturbation : public AttentionProcessor {
  public:
-  using HeadKey = std::pair<int, int>;  // (layer, head)
-  explicit HeadPerturbationHook(std::map<HeadKey, double> weights = {}, std::optional<int> branch = std::nullopt);
+  using HeadKey = std::pair<int, int>;  // (layer, global head)
+  explicit HeadPerturbation(std::map<HeadKey, double> weights = {}, std::vector<RowRole> roles = {});
   void set_weight(int layer, int head, double u);  // u in [0, 1]; 0 removes the head
   const std::map<HeadKey, double>& weights() const { return weights_; }
-  void set_branch(std::optional<int> branch) { branch_ = branch; }
+  void set_roles(std::vector<RowRole> roles) { roles_ = std::move(roles); }
   void set_enabled(bool enabled) { enabled_ = enabled; }
   at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionCall& call, const AttentionFn& inner) override;
 
  private:
   std::map<HeadKey, double> weights_;
-  std::optional<int> branch_;
+  std::vector<RowRole> roles_;
   bool enabled_ = true;
 };
 
 // Captures cross-attention probability maps per text token, summed over heads and over every
-// captured call (layers, steps), into [B, text_tokens, Tp, Hp, Wp] where (Tp, Hp, Wp) is the
+// captured call (layers, steps), into [R, text_tokens, Tp, Hp, Wp] (R: the captured rows) where (Tp, Hp, Wp) is the
 // query grid pooled by `pool` (ceil division; a partial cell averages what it holds). The
 // probabilities are recomputed from q and k one query block at a time, so no [Nq, Nk] map of a
 // whole call is kept; the output of the call is the untouched inner result.
-class CrossAttentionMapCapture : public AttentionHooks {
+class CrossAttentionMapCapture : public AttentionProcessor {
  public:
   struct Options {
     std::set<int> layers;                 // empty: every layer
-    std::optional<int> branch;            // nullopt: every branch
+    std::vector<RowRole> roles;           // rows captured; empty: every row
     std::array<std::int64_t, 3> pool{1, 1, 1};
     std::int64_t query_block = 4096;      // rows of one probability block
   };
@@ -78,7 +80,7 @@ class CrossAttentionMapCapture : public AttentionHooks {
 
  private:
   Options options_;
-  at::Tensor sums_;        // [B, text, Tp, Hp, Wp]
+  at::Tensor sums_;        // [R, text, Tp, Hp, Wp]
   at::Tensor cell_sizes_;  // [Tp, Hp, Wp] queries per cell
   std::int64_t heads_ = 0, calls_ = 0;
   bool enabled_ = true;
@@ -92,13 +94,14 @@ class CrossAttentionMapCapture : public AttentionHooks {
 // Both terms are ordinary attention calls. Without a source (or α = 0) it is a pure reweight.
 // Self-attention injection (optional): targets use the source's q, k with their own v
 // (= replacing the self-attention map by the source's).
-// Source: batch row 0 of the same call (Source::Batch0: rows ≥ 1 are edited, row 0 is returned
-// as computed), or tensors recorded in an earlier run (Mode::Record then Mode::Edit; every row is
-// edited; memory: the recorded q and k of every selected layer).
-class CrossAttentionEdit : public AttentionHooks {
+// Source: a row of the same call (Source::Batch: the row labelled RowRole::Source, whose output is
+// returned as computed, edits the rows labelled RowRole::Target; unlabelled rows: row 0 is the
+// source, the others are edited), or tensors recorded in an earlier run (Mode::Record then
+// Mode::Edit; every row of `roles` is edited; memory: the recorded q and k of every selected layer).
+class CrossAttentionEdit : public AttentionProcessor {
  public:
   enum class Mode { Off, Record, Edit };
-  enum class Source { Batch0, Recorded };
+  enum class Source { Batch, Recorded };
   struct Options {
     at::Tensor mapper;     // [text_src, text_tgt]; undefined: identity
     at::Tensor alpha;      // [text_tgt] in [0, 1]; undefined: all 1 (all 0 when there is no source)
@@ -106,8 +109,8 @@ class CrossAttentionEdit : public AttentionHooks {
     std::set<int> layers;  // cross-attention layers to edit (empty: all)
     bool self_inject = false;
     std::set<int> self_layers;  // self-attention layers to inject (empty: all)
-    std::optional<int> branch;  // nullopt: every branch
-    Source source = Source::Batch0;
+    std::vector<RowRole> roles;  // Source::Recorded: rows edited (empty: every row)
+    Source source = Source::Batch;
     bool use_source = true;     // false: reweight only
   };
   explicit CrossAttentionEdit(Options options);
@@ -126,27 +129,29 @@ class CrossAttentionEdit : public AttentionHooks {
 };
 
 // Keeps whole cross-attention outputs for reuse across steps (FreeSwim's cached mode): in Record
-// mode each targeted call's output is computed and stored per (layer, branch) (on `storage`, e.g.
-// the CPU to save accelerator memory); in Reuse mode the stored tensor is returned instead of
-// computing (a stored batch of 1 is broadcast to the query batch). Off: pass-through.
-class CrossAttentionOutputCache : public AttentionHooks {
+// mode each targeted call's output rows are computed and stored per (layer, row role) (on
+// `storage`, e.g. the CPU to save accelerator memory); in Reuse mode the stored rows are returned
+// instead of computing (a stored batch of 1 is broadcast to the query batch). Only calls whose
+// rows all have one of `roles` (empty: any) are targeted; unlabelled rows count as RowRole::Cond.
+// Off: pass-through.
+class CrossAttentionOutputCache : public AttentionProcessor {
  public:
   enum class Mode { Off, Record, Reuse };
-  explicit CrossAttentionOutputCache(std::optional<int> branch = std::nullopt,
+  explicit CrossAttentionOutputCache(std::vector<RowRole> roles = {},
                                      std::optional<at::Device> storage = std::nullopt);
   void set_mode(Mode mode) { mode_ = mode; }
   Mode mode() const { return mode_; }
-  bool has(int layer, int branch) const;
+  bool has(int layer, RowRole role = RowRole::Cond) const;
   std::int64_t stored_bytes() const;
   void clear() { store_.clear(); }
   at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionCall& call, const AttentionFn& inner) override;
 
  private:
-  std::optional<int> branch_;
+  std::vector<RowRole> roles_;
   std::optional<at::Device> storage_;
   Mode mode_ = Mode::Off;
-  std::map<std::pair<int, int>, at::Tensor> store_;
+  std::map<std::pair<int, RowRole>, at::Tensor> store_;  // (layer, role) -> [1, heads, N, D]
 };
 
 }  // namespace vdit

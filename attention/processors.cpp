@@ -1,16 +1,28 @@
-// Attention processors: see include/vdit/attention/hooks.h.
-#include "vdit/attention/hooks.h"
+// Attention processors: see include/vdit/attention/processors.h.
+#include "vdit/attention/processors.h"
 
 #include "vdit/common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
 namespace vdit {
 namespace {
 
-bool branch_matches(const std::optional<int>& wanted, const AttentionSite& site) {
-  return !wanted || *wanted == site.branch;
+// Rows [0, batch) as an index list, to compare with AttentionSite::rows_in.
+bool is_every_row(const std::vector<std::int64_t>& rows, std::int64_t batch) {
+  return static_cast<std::int64_t>(rows.size()) == batch;
+}
+
+at::Tensor row_index(const std::vector<std::int64_t>& rows, const at::Tensor& like) {
+  return at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(like.device());
+}
+
+// The role of row r (unlabelled rows count as the prompt's).
+RowRole role_of(const AttentionSite& site, std::int64_t r) {
+  return site.rows && r < static_cast<std::int64_t>(site.rows->size()) ? (*site.rows)[static_cast<std::size_t>(r)]
+                                                                        : RowRole::Cond;
 }
 
 bool layer_selected(const std::set<int>& layers, int layer) { return layers.empty() || layers.count(layer) > 0; }
@@ -21,40 +33,44 @@ std::string shape_of(const at::Tensor& t) {
   return s.str();
 }
 
-at::Tensor run_chain(const std::vector<std::shared_ptr<AttentionHooks>>& hooks, std::size_t i, const AttentionSite& site,
-                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionCall& call,
-                     const AttentionFn& inner) {
-  if (i == hooks.size()) return inner(site, q, k, v, call);
-  const AttentionFn next = [&hooks, i, &inner](const AttentionSite& s, const at::Tensor& q2, const at::Tensor& k2,
+at::Tensor run_chain(const std::vector<std::shared_ptr<AttentionProcessor>>& chain, std::size_t i,
+                     const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionCall& call, const AttentionFn& inner) {
+  if (i == chain.size()) return inner(site, q, k, v, call);
+  const AttentionFn next = [&chain, i, &inner](const AttentionSite& s, const at::Tensor& q2, const at::Tensor& k2,
                                                const at::Tensor& v2, const AttentionCall& c2) {
-    return run_chain(hooks, i + 1, s, q2, k2, v2, c2, inner);
+    return run_chain(chain, i + 1, s, q2, k2, v2, c2, inner);
   };
-  return hooks[i]->process(site, q, k, v, call, next);
+  return chain[i]->process(site, q, k, v, call, next);
 }
 
 }  // namespace
 
-// ------------------------------------------------------------------------------------ HookChain
+// ------------------------------------------------------------------------------- ProcessorChain
 
-HookChain& HookChain::add(std::shared_ptr<AttentionHooks> hook) {
-  if (!hook) throw InputError("HookChain: cannot add a null hook");
-  hooks_.push_back(std::move(hook));
+ProcessorChain::ProcessorChain(std::vector<std::shared_ptr<AttentionProcessor>> processors) {
+  for (auto& p : processors) add(std::move(p));
+}
+
+ProcessorChain& ProcessorChain::add(std::shared_ptr<AttentionProcessor> processor) {
+  if (!processor) throw InputError("ProcessorChain: cannot add a null processor");
+  processors_.push_back(std::move(processor));
   return *this;
 }
 
-at::Tensor HookChain::process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const AttentionCall& call, const AttentionFn& inner) {
-  return run_chain(hooks_, 0, site, q, k, v, call, inner);
+at::Tensor ProcessorChain::process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
+  return run_chain(processors_, 0, site, q, k, v, call, inner);
 }
 
-// ------------------------------------------------------------------------- HeadPerturbationHook
+// ----------------------------------------------------------------------------- HeadPerturbation
 
-HeadPerturbationHook::HeadPerturbationHook(std::map<HeadKey, double> weights, std::optional<int> branch)
-    : branch_(branch) {
+HeadPerturbation::HeadPerturbation(std::map<HeadKey, double> weights, std::vector<RowRole> roles)
+    : roles_(std::move(roles)) {
   for (const auto& [key, u] : weights) set_weight(key.first, key.second, u);
 }
 
-void HeadPerturbationHook::set_weight(int layer, int head, double u) {
+void HeadPerturbation::set_weight(int layer, int head, double u) {
   if (!(u >= 0.0 && u <= 1.0)) {
     throw InputError("SoftPAG weight u for layer " + std::to_string(layer) + " head " + std::to_string(head) +
                      " must be in [0, 1], got " + std::to_string(u));
@@ -66,31 +82,37 @@ void HeadPerturbationHook::set_weight(int layer, int head, double u) {
     weights_[{layer, head}] = u;
 }
 
-at::Tensor HeadPerturbationHook::process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
-  if (!enabled_ || site.kind != AttentionKind::Self || !branch_matches(branch_, site)) return inner(site, q, k, v, call);
-  std::vector<std::pair<std::int64_t, double>> heads;
-  for (auto it = weights_.lower_bound({site.layer, 0}); it != weights_.end() && it->first.first == site.layer; ++it)
-    heads.emplace_back(it->first.second, it->second);
-  if (heads.empty()) return inner(site, q, k, v, call);
-  const std::int64_t H = q.size(1);
+at::Tensor HeadPerturbation::process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
+  if (!enabled_ || site.kind != AttentionKind::Self) return inner(site, q, k, v, call);
+  const std::int64_t B = q.size(0), H = q.size(1);
+  const std::vector<std::int64_t> rows = site.rows_in(roles_, B);
+  // This call's heads are the global heads [head_offset, head_offset + H).
+  std::vector<std::pair<std::int64_t, double>> heads;  // (local head, u)
+  for (auto it = weights_.lower_bound({site.layer, 0}); it != weights_.end() && it->first.first == site.layer; ++it) {
+    const std::int64_t local = it->first.second - site.head_offset;
+    if (local >= H && site.head_offset == 0)
+      throw InputError("SoftPAG: head " + std::to_string(it->first.second) + " of layer " + std::to_string(site.layer) +
+                       " does not exist (the layer has " + std::to_string(H) + " heads)");
+    if (local >= 0 && local < H) heads.emplace_back(local, it->second);
+  }
+  if (heads.empty() || rows.empty()) return inner(site, q, k, v, call);
   if (v.dim() != 4 || v.size(2) != q.size(2)) {
     throw InputError("SoftPAG needs self-attention (v with as many tokens as q), got q " + shape_of(q) + ", v " + shape_of(v));
   }
   bool all_identity = static_cast<std::int64_t>(heads.size()) == H;
-  for (const auto& [h, u] : heads) {
-    if (h >= H) throw InputError("SoftPAG: head " + std::to_string(h) + " of layer " + std::to_string(site.layer) +
-                                 " does not exist (the layer has " + std::to_string(H) + " heads)");
-    all_identity = all_identity && u == 1.0;
-  }
-  // Every head replaced by V (PAG on the whole layer): no attention to compute.
-  if (all_identity) return v.clone();
-  // A copy, so a tensor owned by another hook (a cache) is never modified.
+  for (const auto& [h, u] : heads) all_identity = all_identity && u == 1.0;
+  const bool every_row = is_every_row(rows, B);
+  // Every head of every row replaced by V (PAG on the whole layer): no attention to compute.
+  if (all_identity && every_row) return v.clone();
+  // A copy, so a tensor owned by another processor (a cache) is never modified.
   at::Tensor out = inner(site, q, k, v, call).clone();
-  for (const auto& [h, u] : heads) {
-    at::Tensor oh = out.select(1, h);
-    // lerp is exact at both ends: u = 1 gives V bitwise.
-    oh.copy_(at::lerp(oh.to(at::kFloat), v.select(1, h).to(at::kFloat), u));
+  for (std::int64_t r : rows) {
+    for (const auto& [h, u] : heads) {
+      at::Tensor oh = out.select(0, r).select(0, h);
+      // lerp is exact at both ends: u = 1 gives V bitwise.
+      oh.copy_(at::lerp(oh.to(at::kFloat), v.select(0, r).select(0, h).to(at::kFloat), u));
+    }
   }
   return out;
 }
@@ -125,14 +147,17 @@ at::Tensor sum_pool3(const at::Tensor& x, const std::array<std::int64_t, 3>& poo
 
 }  // namespace
 
-at::Tensor CrossAttentionMapCapture::process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
+at::Tensor CrossAttentionMapCapture::process(const AttentionSite& site, const at::Tensor& q_all, const at::Tensor& k_all,
                                              const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
-  at::Tensor out = inner(site, q, k, v, call);
-  if (!enabled_ || site.kind != AttentionKind::Cross || !branch_matches(options_.branch, site) ||
-      !layer_selected(options_.layers, site.layer)) {
-    return out;
-  }
+  at::Tensor out = inner(site, q_all, k_all, v, call);
+  if (!enabled_ || site.kind != AttentionKind::Cross || !layer_selected(options_.layers, site.layer)) return out;
+  const std::vector<std::int64_t> rows = site.rows_in(options_.roles, q_all.size(0));
+  if (rows.empty()) return out;
   at::NoGradGuard no_grad;
+  // Only the captured rows' probabilities are computed.
+  const bool every_row = is_every_row(rows, q_all.size(0));
+  const at::Tensor q = every_row ? q_all : q_all.index_select(0, row_index(rows, q_all));
+  const at::Tensor k = every_row || k_all.size(0) == 1 ? k_all : k_all.index_select(0, row_index(rows, k_all));
   const std::int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2);
   const std::int64_t valid = call.valid_keys >= 0 ? std::min(call.valid_keys, Nk) : Nk;
   const Grid3 grid = call.grid.numel() == Nq ? call.grid : Grid3{1, 1, Nq};
@@ -152,9 +177,9 @@ at::Tensor CrossAttentionMapCapture::process(const AttentionSite& site, const at
   const at::Tensor kt = k.narrow(2, 0, valid).to(at::kFloat).transpose(-2, -1);
   // Whole pooled frame groups per block, so the t pooling stays inside a block.
   const std::int64_t slab = pool[0] * grid.h * grid.w;
-  const std::int64_t rows = std::max<std::int64_t>(1, options_.query_block / slab) * slab;
-  for (std::int64_t s = 0; s < Nq; s += rows) {
-    const std::int64_t e = std::min(Nq, s + rows);
+  const std::int64_t block_rows = std::max<std::int64_t>(1, options_.query_block / slab) * slab;
+  for (std::int64_t s = 0; s < Nq; s += block_rows) {
+    const std::int64_t e = std::min(Nq, s + block_rows);
     at::Tensor probs = at::softmax(at::matmul(q.slice(2, s, e).to(at::kFloat), kt).mul_(scale), -1);  // [B,H,r,valid]
     at::Tensor per_token = probs.sum(1).transpose(1, 2);  // [B, valid, r]
     if (valid < Nk) per_token = at::constant_pad_nd(per_token, {0, 0, 0, Nk - valid}, 0);
@@ -183,7 +208,6 @@ CrossAttentionEdit::CrossAttentionEdit(Options options) : options_(std::move(opt
 }
 
 bool CrossAttentionEdit::targets(const AttentionSite& site) const {
-  if (!branch_matches(options_.branch, site)) return false;
   if (site.kind == AttentionKind::Cross) return layer_selected(options_.layers, site.layer);
   return options_.self_inject && layer_selected(options_.self_layers, site.layer);
 }
@@ -198,17 +222,37 @@ at::Tensor CrossAttentionEdit::process(const AttentionSite& site, const at::Tens
   }
   const bool cross = site.kind == AttentionKind::Cross;
   const bool need_source = !cross || options_.use_source;
-  // Source q/k and the target rows.
-  at::Tensor qs, ks, qt = q, kt = k, vt = v, source_out;
+  const std::int64_t B = q.size(0);
+  // The edited rows and the source row (Source::Batch) of this call.
+  std::vector<std::int64_t> edited_rows, source_rows;
+  if (options_.source == Source::Batch) {
+    if (site.rows) {
+      source_rows = site.rows_in({RowRole::Source}, B);
+      edited_rows = site.rows_in({RowRole::Target}, B);
+      if (source_rows.size() > 1)
+        throw InputError("cross-attention edit: " + std::to_string(source_rows.size()) + " source rows in one call");
+    } else if (need_source) {
+      source_rows = {0};
+      for (std::int64_t r = 1; r < B; ++r) edited_rows.push_back(r);
+    } else {
+      for (std::int64_t r = 0; r < B; ++r) edited_rows.push_back(r);  // a pure reweight edits every row
+    }
+    if (edited_rows.empty() || (need_source && source_rows.empty())) return inner(site, q, k, v, call);
+  } else {
+    edited_rows = site.rows_in(options_.roles, B);
+    if (edited_rows.empty()) return inner(site, q, k, v, call);
+  }
+  const auto rows_of = [](const at::Tensor& t, const std::vector<std::int64_t>& rows) {
+    return t.index_select(0, row_index(rows, t));
+  };
+  const bool all_edited = is_every_row(edited_rows, B);
+  at::Tensor qt = all_edited ? q : rows_of(q, edited_rows), kt = all_edited ? k : rows_of(k, edited_rows),
+             vt = all_edited ? v : rows_of(v, edited_rows);
+  at::Tensor qs, ks;
   if (need_source) {
-    if (options_.source == Source::Batch0) {
-      if (q.size(0) < 2) return inner(site, q, k, v, call);  // no target row in this batch
-      qs = q.narrow(0, 0, 1);
-      ks = k.narrow(0, 0, 1);
-      qt = q.narrow(0, 1, q.size(0) - 1);
-      kt = k.narrow(0, 1, k.size(0) - 1);
-      vt = v.narrow(0, 1, v.size(0) - 1);
-      source_out = inner(site, qs, ks, v.narrow(0, 0, 1), call);
+    if (options_.source == Source::Batch) {
+      qs = rows_of(q, source_rows);
+      ks = rows_of(k, source_rows);
     } else {
       auto it = recorded_.find(key);
       if (it == recorded_.end())
@@ -254,15 +298,25 @@ at::Tensor CrossAttentionEdit::process(const AttentionSite& site, const at::Tens
       if (alpha.defined() && !alpha.eq(1).all().item<bool>()) edited = edited + inner(site, qt, kt, cv * (1 - alpha), call);
     }
   }
-  return source_out.defined() ? at::cat({source_out, edited}, 0) : edited;
+  if (all_edited) return edited;
+  // The rows not edited (the source, an unconditional row) are computed as they are.
+  std::vector<std::int64_t> kept_rows;
+  for (std::int64_t r = 0, e = 0; r < B; ++r) {
+    if (e < static_cast<std::int64_t>(edited_rows.size()) && edited_rows[static_cast<std::size_t>(e)] == r) ++e;
+    else kept_rows.push_back(r);
+  }
+  at::Tensor out = at::empty({B, edited.size(1), edited.size(2), edited.size(3)}, edited.options());
+  out.index_copy_(0, row_index(kept_rows, out), inner(site, rows_of(q, kept_rows), rows_of(k, kept_rows), rows_of(v, kept_rows), call));
+  out.index_copy_(0, row_index(edited_rows, out), edited);
+  return out;
 }
 
 // -------------------------------------------------------------------- CrossAttentionOutputCache
 
-CrossAttentionOutputCache::CrossAttentionOutputCache(std::optional<int> branch, std::optional<at::Device> storage)
-    : branch_(branch), storage_(storage) {}
+CrossAttentionOutputCache::CrossAttentionOutputCache(std::vector<RowRole> roles, std::optional<at::Device> storage)
+    : roles_(std::move(roles)), storage_(storage) {}
 
-bool CrossAttentionOutputCache::has(int layer, int branch) const { return store_.count({layer, branch}) > 0; }
+bool CrossAttentionOutputCache::has(int layer, RowRole role) const { return store_.count({layer, role}) > 0; }
 
 std::int64_t CrossAttentionOutputCache::stored_bytes() const {
   std::int64_t total = 0;
@@ -272,9 +326,17 @@ std::int64_t CrossAttentionOutputCache::stored_bytes() const {
 
 at::Tensor CrossAttentionOutputCache::process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k,
                                               const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
-  if (mode_ == Mode::Off || site.kind != AttentionKind::Cross || !branch_matches(branch_, site))
+  if (mode_ == Mode::Off || site.kind != AttentionKind::Cross) return inner(site, q, k, v, call);
+  const std::int64_t B = q.size(0);
+  // The roles of this call's rows, and whether the cache acts on all of them.
+  std::vector<RowRole> roles;
+  for (std::int64_t r = 0; r < B; ++r) roles.push_back(role_of(site, r));
+  if (!roles_.empty() && static_cast<std::int64_t>(site.rows_in(roles_, B).size()) != B && site.rows)
     return inner(site, q, k, v, call);
-  const std::pair<int, int> key{site.layer, site.branch};
+  const bool one_role = std::all_of(roles.begin(), roles.end(), [&](RowRole r) { return r == roles.front(); });
+  if (!one_role)
+    throw RuntimeError("cross-attention cache: a call mixes row roles; run the cached rows in a forward of their own");
+  const std::pair<int, RowRole> key{site.layer, roles.front()};
   if (mode_ == Mode::Record) {
     at::Tensor out = inner(site, q, k, v, call);
     const at::Device where = storage_ ? *storage_ : out.device();
@@ -283,11 +345,10 @@ at::Tensor CrossAttentionOutputCache::process(const AttentionSite& site, const a
   }
   auto it = store_.find(key);
   if (it == store_.end()) {
-    throw RuntimeError("cross-attention cache: nothing recorded for layer " + std::to_string(site.layer) + ", branch " +
-                       std::to_string(site.branch));
+    throw RuntimeError("cross-attention cache: nothing recorded for layer " + std::to_string(site.layer) + ", rows " +
+                       role_name(key.second));
   }
   at::Tensor stored = it->second;
-  const std::int64_t B = q.size(0);
   if (stored.size(0) == 1 && B > 1) stored = stored.expand({B, -1, -1, -1});
   if (stored.size(0) != B || stored.size(1) != q.size(1) || stored.size(2) != q.size(2) || stored.size(3) != v.size(3)) {
     throw RuntimeError("cross-attention cache: layer " + std::to_string(site.layer) + " stored " + shape_of(it->second) +
