@@ -195,16 +195,21 @@ TEST_CASE("strength below 1 runs the tail of the schedule from the given latent"
   settings.strength = 0.5;
   const auto tail = pipeline.make_sampler_for(settings);
   REQUIRE(tail->begin_index() == 2);
-  const at::Tensor start = file->tensor("noise");
+  const at::Tensor noise = file->tensor("noise");
+  const at::Tensor clean = seeded_noise(noise.sizes().vec(), 5).mul(0.5);  // any latent to start from
   const at::Tensor from_tail =
-      pipeline.denoise(start, file->tensor("context_positive"), file->tensor("context_negative"), settings);
-  // The same two Euler steps as a custom schedule of the tail's sigmas.
+      pipeline.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings, {}, clean);
+  // SDEdit by hand: the clean latent noised to the first kept sigma, then the same two Euler steps
+  // as a custom schedule of the tail's sigmas.
+  const at::Tensor start = add_noise(clean, noise, tail->sigmas()[2]);
   T2VSettings custom = settings;
   custom.strength = 1.0;
   custom.sigmas = {tail->sigmas()[2], tail->sigmas()[3]};
   const at::Tensor from_custom =
       pipeline.denoise(start, file->tensor("context_positive"), file->tensor("context_negative"), custom);
   CHECK(max_abs_diff(from_tail, start) > 1e-2);
+  // Without the clean latent there is nothing to start part-way from.
+  CHECK_THROWS(pipeline.denoise(noise, file->tensor("context_positive"), file->tensor("context_negative"), settings));
   CHECK(at::allclose(from_tail, from_custom, 1e-4, 1e-4));
   // generate() has no input clip to noise, so it refuses strength below 1.
   settings.prompt = "x";
