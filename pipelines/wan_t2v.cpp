@@ -66,11 +66,16 @@ const char* const kNeedsGuideDit = "--autoguidance needs a guide DiT (--guide-di
 
 void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
   const std::int64_t mw = g.size_multiple_w(), mh = g.size_multiple_h();
-  if (s.width <= 0 || s.height <= 0 || s.width % mw != 0 || s.height % mh != 0) {
+  const std::string size = std::to_string(s.width) + "x" + std::to_string(s.height);
+  if (s.width <= 0 || s.height <= 0) throw InputError("size " + size + ": width and height must be positive");
+  if (s.width % mw != 0 || s.height % mh != 0) {
+    // What the model needs, and why: its VAE's spatial stride times its DiT's patch.
     const std::string multiple = mw == mh ? std::to_string(mw) : std::to_string(mw) + "x" + std::to_string(mh);
-    throw InputError("size " + std::to_string(s.width) + "x" + std::to_string(s.height) + " is not a multiple of " +
-                     multiple + " on both sides; nearest valid: " + std::to_string(nearest_multiple(s.width, mw)) + "x" +
-                     std::to_string(nearest_multiple(s.height, mh)));
+    const std::string patch = g.patch_h == g.patch_w ? std::to_string(g.patch_h)
+                                                     : std::to_string(g.patch_w) + "x" + std::to_string(g.patch_h);
+    throw InputError("size " + size + " is not a multiple of " + multiple + " on both sides, which this model needs (VAE stride " +
+                     std::to_string(g.spatial_stride) + " x DiT patch " + patch + "); nearest valid: " +
+                     std::to_string(nearest_multiple(s.width, mw)) + "x" + std::to_string(nearest_multiple(s.height, mh)));
   }
   const std::int64_t ts = g.temporal_stride;
   if (s.frames < 1 || (s.frames - 1) % ts != 0) {
@@ -79,7 +84,7 @@ void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
                      std::to_string(below) + (s.frames > 1 ? " or " + std::to_string(below + ts) : std::string()));
   }
   if (s.steps < 1 && s.sigmas.empty()) throw InputError("--steps must be at least 1");
-  if (s.shift && !(*s.shift > 0)) throw InputError("--shift must be positive");
+  if (s.shift && !(std::isfinite(*s.shift) && *s.shift > 0)) throw InputError("--shift must be a positive number");
   if (!std::isfinite(s.guidance)) throw InputError("--guidance must be a finite number");
   if (!std::isfinite(s.autoguidance)) throw InputError("--autoguidance must be a finite number");
   check_sampler_name(s.sampler);

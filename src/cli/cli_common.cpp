@@ -4,8 +4,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 namespace vdit::cli {
 
@@ -35,31 +38,85 @@ std::string builtin_model_dir() {
   return "";
 }
 
+std::string nearest_name(const std::string& name, const std::vector<std::string>& known) {
+  std::string best;
+  std::size_t best_distance = std::string::npos;
+  for (const std::string& candidate : known) {
+    // Levenshtein distance, one row at a time.
+    std::vector<std::size_t> row(candidate.size() + 1);
+    for (std::size_t j = 0; j <= candidate.size(); ++j) row[j] = j;
+    for (std::size_t i = 1; i <= name.size(); ++i) {
+      std::size_t diagonal = row[0];
+      row[0] = i;
+      for (std::size_t j = 1; j <= candidate.size(); ++j) {
+        const std::size_t up = row[j];
+        row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (name[i - 1] == candidate[j - 1] ? 0 : 1)});
+        diagonal = up;
+      }
+    }
+    if (row.back() < best_distance) {
+      best_distance = row.back();
+      best = candidate;
+    }
+  }
+  return best_distance <= std::max<std::size_t>(1, name.size() / 3) ? best : std::string();
+}
+
 std::optional<ModelDefaults> read_model_defaults(const std::string& dir) {
   const fs::path path = fs::path(dir) / "vdit-demo.json";
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) return std::nullopt;
   ModelDefaults d;
-  try {
+  nlohmann::json j;
+  {
     std::ifstream in(path);
-    const nlohmann::json j = nlohmann::json::parse(in);
-    if (!j.is_object()) throw InputError(path.string() + ": not a JSON object");
-    for (const auto& [key, value] : j.items()) {
-      if (key == "size") d.size = value.get<std::string>();
-      else if (key == "frames") d.frames = value.get<std::int64_t>();
-      else if (key == "steps") d.steps = value.get<int>();
-      else if (key == "sampler") d.sampler = value.get<std::string>();
-      else if (key == "eta") d.eta = value.get<double>();
-      else if (key == "shift") d.shift = value.get<double>();
-      else if (key == "guidance") d.guidance = value.get<double>();
-      else if (key == "fps") d.fps = value.get<double>();
-      else if (key == "negative_prompt") d.negative_prompt = value.get<std::string>();
-      else if (key == "autoguidance") d.autoguidance = value.get<double>();
-      else if (key == "guide_dit") d.guide_dit = (fs::path(dir) / value.get<std::string>()).string();
-      else if (key.empty() || key[0] != '_') log_warning(path.string() + ": unknown key '" + key + "' ignored");
+    j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  }
+  if (j.is_discarded()) throw InputError(path.string() + ": not valid JSON");
+  if (!j.is_object()) throw InputError(path.string() + ": not a JSON object");
+  static const std::vector<std::string> known{"size", "frames", "steps", "sampler", "eta", "shift", "guidance", "fps",
+                                              "negative_prompt", "autoguidance", "guide_dit"};
+  for (const auto& [key, value] : j.items()) {
+    // A value of the wrong type names its key and what it should be.
+    const auto need = [&, &key = key, &value = value](bool ok, const char* what) {
+      if (!ok) throw InputError(path.string() + ": key '" + key + "' must be " + what + " (got " + value.dump() + ")");
+    };
+    const auto integer = [&](const char* what) {
+      need(value.is_number_integer() || (value.is_number_float() && std::floor(value.get<double>()) == value.get<double>()),
+           what);
+      return value.get<std::int64_t>();
+    };
+    if (key == "size") {
+      need(value.is_string(), "a string such as \"64x64\"");
+      d.size = value.get<std::string>();
+    } else if (key == "frames") {
+      d.frames = integer("an integer");
+    } else if (key == "steps") {
+      const std::int64_t steps = integer("an integer");
+      need(steps >= 0 && steps <= std::numeric_limits<int>::max(), "a step count");
+      d.steps = static_cast<int>(steps);
+    } else if (key == "sampler") {
+      need(value.is_string(), "a string (unipc, dpm++, euler or euler-a)");
+      d.sampler = value.get<std::string>();
+    } else if (key == "negative_prompt") {
+      need(value.is_string(), "a string");
+      d.negative_prompt = value.get<std::string>();
+    } else if (key == "guide_dit") {
+      need(value.is_string(), "a path (a string)");
+      d.guide_dit = (fs::path(dir) / value.get<std::string>()).string();
+    } else if (key == "eta" || key == "shift" || key == "guidance" || key == "fps" || key == "autoguidance") {
+      need(value.is_number(), "a number");
+      const double v = value.get<double>();
+      if (key == "eta") d.eta = v;
+      else if (key == "shift") d.shift = v;
+      else if (key == "guidance") d.guidance = v;
+      else if (key == "fps") d.fps = v;
+      else d.autoguidance = v;
+    } else if (key.empty() || key[0] != '_') {
+      const std::string nearest = nearest_name(key, known);
+      log_warning(path.string() + ": unknown key '" + key + "' ignored" +
+                  (nearest.empty() ? std::string() : " (did you mean '" + nearest + "'?)"));
     }
-  } catch (const nlohmann::json::exception& e) {
-    throw InputError(path.string() + ": " + e.what());
   }
   return d;
 }

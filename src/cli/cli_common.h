@@ -6,8 +6,13 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace vdit::cli {
+
+// The name in `known` nearest to `name` by edit distance, when it is near enough to be a likely
+// typo (at most a third of the name's letters differ); "" otherwise.
+std::string nearest_name(const std::string& name, const std::vector<std::string>& known);
 
 // "WIDTHxHEIGHT" -> (width, height); InputError naming --size otherwise.
 std::pair<std::int64_t, std::int64_t> parse_size(const std::string& text);
@@ -18,7 +23,9 @@ std::string builtin_model_dir();
 
 // DIR/vdit-demo.json: the generation defaults a model ships (the built-in demo model is trained
 // for 64x64, 9 frames, 8 fps and an empty negative prompt). Keys: size, frames, steps, sampler, eta,
-// shift, guidance, fps, negative_prompt; keys starting with '_' are comments; other keys warn.
+// shift, guidance, fps, negative_prompt, autoguidance, guide_dit; keys starting with '_' are
+// comments; other keys warn, naming the nearest known key. A value of the wrong type is an
+// InputError naming the file and the key.
 struct ModelDefaults {
   std::optional<std::string> size, sampler, negative_prompt;
   std::optional<std::int64_t> frames;

@@ -4,6 +4,7 @@
 
 #include "vdit/attention/attention_bench.h"
 #include "vdit/common.h"
+#include "vdit/pipelines/memory_estimate.h"
 
 #include <iostream>
 #include <memory>
@@ -22,7 +23,7 @@ void register_bench_command(CLI::App& app, GlobalOptions& global) {
     std::int64_t heads = 12, head_dim = 128, batch = 1;
     int repeats = 3;
     double scale_factor = 1.0;
-    bool no_naive = false, no_full = false;
+    bool no_naive = false, no_full = false, force = false;
     std::uint64_t seed = 0;
     AttentionTuning tuning;
   };
@@ -44,6 +45,7 @@ void register_bench_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--window-keys", args->tuning.window_keys, "Windowed: largest key chunk (0: built-in choice)");
   cmd->add_flag("--no-naive", args->no_naive, "Skip the materialised attention");
   cmd->add_flag("--no-full", args->no_full, "Windowed: skip the full-attention comparison");
+  cmd->add_flag("--force", args->force, "Run even when q, k, v, the output and the kernel's workspace exceed the free memory");
   cmd->callback([args, &global] {
     AttentionBenchOptions o;
     o.grid = parse_grid(args->grid);
@@ -64,6 +66,26 @@ void register_bench_command(CLI::App& app, GlobalOptions& global) {
     if (t.query_block < 0 || t.key_block < 0 || t.window_queries < 0 || t.window_keys < 0)
       throw InputError("bench attention: block sizes must be >= 0 (0: built-in choice)");
     set_attention_tuning(t);
+    if (o.batch < 1 || o.heads < 1 || o.head_dim < 1) throw InputError("bench attention: --batch, --heads and --head-dim must be >= 1");
+    // The inputs and output (each drawn in f32 first), before anything is allocated; the kernel's
+    // workspace too when the sizes are sane enough to plan it.
+    const double elt = static_cast<double>(c10::elementSize(o.dtype));
+    const double tokens = static_cast<double>(o.grid.t) * static_cast<double>(o.grid.h) * static_cast<double>(o.grid.w);
+    const double one = static_cast<double>(o.batch) * static_cast<double>(o.heads) * tokens * static_cast<double>(o.head_dim);
+    double bytes = one * (4.0 * elt + 4.0) + 3.0 * 2048.0 * 2048.0 * 4.0;  // + the GEMM reference
+    const double available = available_memory_bytes();
+    if (available > 0 && bytes <= available && tokens < 1e12) {
+      AttentionCall call;
+      call.grid = o.grid;
+      call.window = o.window;
+      bytes += attention_cost(o.batch, o.heads, o.grid.numel(), o.grid.numel(), o.head_dim, o.head_dim, o.dtype, call)
+                   .workspace_bytes;
+    }
+    if (!args->force && available > 0 && bytes > available)
+      throw InputError("bench attention: grid " + args->grid + " (" + std::to_string(static_cast<long long>(tokens)) +
+                       " tokens) x " + std::to_string(o.heads) + " heads x head dim " + std::to_string(o.head_dim) +
+                       " needs about " + format_bytes(bytes) + " but only " + format_bytes(available) +
+                       " of memory is free; use a smaller grid, or pass --force to try anyway");
     std::cout << run_attention_bench(o).dump() << std::endl;
   });
 }

@@ -6,6 +6,7 @@
 // DiT on that VAE can reach.
 #include "cli_common.h"
 #include "commands.h"
+#include "option_groups.h"
 
 #include "vdit/common.h"
 #include "vdit/demo/shapes.h"
@@ -38,21 +39,24 @@ using namespace vdit::shapes;
 // --render-only and a rendered run can be compared caption for caption with a generated one.
 constexpr std::uint64_t kLayoutSeedOffset = 0x5eed5eedULL;
 
+// The command's own defaults (the judge is calibrated for 64x64, 9 frames), defined once; the
+// model's vdit-demo.json overrides the sampling and guidance ones the user does not give.
+T2VSettings eval_defaults() {
+  T2VSettings d;
+  d.width = d.height = 64;
+  d.frames = 9;
+  d.steps = 30;
+  d.guidance = 4.0;
+  d.seed = 0;
+  return d;
+}
+
 struct EvalOptions {
-  std::string model;
+  ModelOptions model;
+  SamplingOptions sampling = sampling_defaults(eval_defaults());
+  GuidanceOptions guidance = guidance_defaults(eval_defaults());
   int clips = 100;
-  std::int64_t seed = 0;
-  int steps = 30;            // the demo model's vdit-demo.json may set another default
-  double guidance = 4.0;
-  double autoguidance = 1.0;  // 1: off
-  std::string guide_dit;      // the weaker DiT autoguidance contrasts with
-  double shift = 0;          // 0: the model's scheduler config
-  std::string sampler = "unipc";
-  double eta = 1.0;          // euler-a only
   double strength = 1.0;     // below 1: denoise the rendered clip from that share of the schedule
-  std::string negative_prompt;  // the demo model is trained with "" as its unconditional caption
-  std::string size = "64x64";
-  std::int64_t frames = 9;
   std::string save_dir;
   bool json = false;
   bool per_clip = false;      // with json: every clip's verdict and shape features too
@@ -66,22 +70,6 @@ struct EvalOptions {
 std::string default_model_dir() {
   const std::string installed = builtin_model_dir();
   return installed.empty() ? (fs::path(VDIT_SOURCE_DIR) / "models" / "shapes").string() : installed;
-}
-
-// Sampling defaults the model ships in vdit-demo.json, for the options the user did not give.
-// Size and frames stay this command's own (the judge is calibrated for them).
-void apply_model_defaults(const std::string& dir, const CLI::App& cmd, EvalOptions& o) {
-  const std::optional<ModelDefaults> d = read_model_defaults(dir);
-  if (!d) return;
-  const auto given = [&](const char* option) { return cmd.count(option) > 0; };
-  if (d->steps && !given("--steps")) o.steps = *d->steps;
-  if (d->guidance && !given("--guidance")) o.guidance = *d->guidance;
-  if (d->shift && !given("--shift")) o.shift = *d->shift;
-  if (d->sampler && !given("--sampler")) o.sampler = *d->sampler;
-  if (d->eta && !given("--eta")) o.eta = *d->eta;
-  if (d->negative_prompt && !given("--negative-prompt")) o.negative_prompt = *d->negative_prompt;
-  if (d->autoguidance && !given("--autoguidance")) o.autoguidance = *d->autoguidance;
-  if (d->guide_dit && !given("--guide-dit")) o.guide_dit = *d->guide_dit;
 }
 
 std::string judged_text(const Judgement& j) {
@@ -132,76 +120,83 @@ std::string sheet_name(int index) {
 
 void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const GlobalOptions& global) {
   EvalOptions o = given;
-  // Everything a user can get wrong is checked before any model is loaded.
+  // Everything a user can get wrong is checked before any model is loaded: the command's own
+  // options here, the shared ones by the validation layer (check_settings / check_run).
   if (o.clips < 1) throw InputError("--clips must be at least 1");
-  if (o.seed < 0) throw InputError("--seed must be >= 0");
-  const auto [width, height] = parse_size(o.size);
-  if (width < 32 || height < 32)
-    throw InputError("--size " + o.size + ": the shapes domain needs at least 32x32");
-  if (o.frames < 1) throw InputError("--frames must be at least 1");
   if (o.round_trip && o.render_only) throw InputError("--round-trip and --render-only exclude each other");
-  if (!(o.latent_noise >= 0)) throw InputError("--latent-noise must be >= 0");
+  if (!(o.latent_noise >= 0) || !std::isfinite(o.latent_noise)) throw InputError("--latent-noise must be a finite number >= 0");
   if (o.latent_noise > 0 && !o.round_trip) throw InputError("--latent-noise needs --round-trip");
-  if (!(o.latent_blur >= 0)) throw InputError("--latent-blur must be >= 0");
+  if (!(o.latent_blur >= 0) || !std::isfinite(o.latent_blur)) throw InputError("--latent-blur must be a finite number >= 0");
   if (o.latent_blur > 0 && !o.round_trip) throw InputError("--latent-blur needs --round-trip");
   if (o.strength != 1.0 && (o.round_trip || o.render_only))
     throw InputError("--strength judges generated clips; it excludes --round-trip and --render-only");
-
-  std::string model_dir;
-  if (!o.render_only) {
-    model_dir = o.model.empty() ? default_model_dir() : o.model;
-    std::error_code ec;
-    if (!fs::is_directory(model_dir, ec)) {
-      throw InputError(o.model.empty()
-                           ? "the demo model is not at " + model_dir + " (train it with `vdit train-demo`, pass --model DIR, or use --render-only)"
-                           : "--model " + model_dir + ": no such directory");
-    }
-    apply_model_defaults(model_dir, cmd, o);
+  if (!(o.strength > 0.0 && o.strength <= 1.0))
+    throw InputError("--strength must be in (0, 1] (got " + number_text(o.strength) + ")");
+  {
+    const auto [w, h] = parse_checked_size(o.sampling.size);
+    if (w < 32 || h < 32) throw InputError("--size " + o.sampling.size + ": the shapes domain needs at least 32x32");
   }
 
+  std::string model_dir;
+  std::optional<CheckedRun> run;
   T2VSettings settings;
-  settings.width = width;
-  settings.height = height;
-  settings.frames = o.frames;
-  settings.steps = o.steps;
-  settings.sampler = o.sampler;
-  settings.eta = o.eta;
-  settings.strength = o.strength;
-  if (o.shift != 0) settings.shift = o.shift;
-  settings.guidance = o.guidance;
-  settings.autoguidance = o.autoguidance;
+  if (o.render_only) {
+    settings = check_settings(o.model, o.sampling, o.guidance, nullptr);
+    // Rendering holds one clip (and the judge's copies of it) at a time.
+    MemoryModel nothing;
+    nothing.dim = nothing.ffn_dim = 0;
+    nothing.vae_dim_mult.clear();
+    MemoryRun clip;
+    clip.width = settings.width;
+    clip.height = settings.height;
+    clip.frames = settings.frames;
+    check_memory_fits(estimate_t2v_memory(nothing, clip), available_memory_bytes(), o.sampling.force,
+                      "--size " + o.sampling.size + " with " + std::to_string(settings.frames) + " frames");
+  } else {
+    model_dir = o.model.model.empty() ? default_model_dir() : o.model.model;
+    std::error_code ec;
+    if (!fs::exists(fs::symlink_status(model_dir, ec)))
+      throw InputError(o.model.model.empty()
+                           ? "the demo model is not at " + model_dir + " (train it with `vdit train-demo`, pass --model DIR, or use --render-only)"
+                           : "--model " + model_dir + ": no such directory");
+    RunNeeds needs;
+    if (o.round_trip) needs.text_encoder = needs.dit = false;
+    needs.encode_video = o.round_trip || o.strength < 1.0;
+    needs.strength = o.strength;
+    run = check_run(cmd, global, o.model, o.sampling, o.guidance, nullptr, nullptr, needs, model_dir);
+    settings = run->settings;
+  }
+  // --save-dir: its files are checked now, the directory created only before the first clip.
+  if (!o.save_dir.empty()) {
+    std::error_code ec;
+    if (fs::exists(fs::symlink_status(o.save_dir, ec))) {
+      if (!fs::is_directory(o.save_dir, ec)) throw InputError("--save-dir '" + o.save_dir + "' is not a directory");
+      for (int i = 0; i < o.clips; ++i)
+        check_contact_sheet_output((fs::path(o.save_dir) / sheet_name(i)).string(), o.overwrite);
+    } else {
+      check_output_path(o.save_dir, false, /*directory=*/true);
+    }
+  }
+  const std::int64_t width = settings.width, height = settings.height;
+  const std::uint64_t seed = settings.seed;
+  // The settings as the model's vdit-demo.json completed them, for the report.
+  const int steps = settings.steps;
+  const std::string sampler = settings.sampler;
+  const std::optional<double> shift = settings.shift;
+  const std::string negative_prompt = settings.negative_prompt.value_or("");  // the demo model's unconditional caption
 
-  std::mt19937_64 caption_rng(static_cast<std::uint64_t>(o.seed));
-  std::mt19937_64 layout_rng(static_cast<std::uint64_t>(o.seed) + kLayoutSeedOffset);
+  std::mt19937_64 caption_rng(seed);
+  std::mt19937_64 layout_rng(seed + kLayoutSeedOffset);
   std::vector<Caption> captions;
   for (int i = 0; i < o.clips; ++i) captions.push_back(random_caption(caption_rng));
 
-  std::optional<WanT2VPipeline> pipeline;
+  WanT2VPipeline* pipeline = run ? run->pipeline.get() : nullptr;
   std::map<std::string, at::Tensor> contexts;  // caption text -> [L, text_dim]
   at::Tensor null_context;
-  const bool guided = o.guidance != 1.0;
-  if (!o.render_only) {
-    WanModelFiles files = locate_wan_model(model_dir);
-    WanT2VOptions options;
-    options.device = parse_device(global.device);
-    options.guide_dit = o.guide_dit;
-    if (!o.round_trip) {  // the compute dtype is the DiT's and text encoder's; the VAE runs in f32
-      options.dtype = global.dtype.empty() ? (options.device.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(global.dtype);
-      check_compute_dtype(options.dtype, options.device);
-    }
-    install_interrupt_cleanup();
-    pipeline.emplace(files, options);
-    pipeline->validate(settings);
-  }
-  // --strength: the sigma every clip's rendered latent is noised to, where its schedule starts.
-  double start_sigma = 1.0;
-  if (o.strength < 1.0) {  // never with --render-only or --round-trip, so the pipeline exists
-    const auto sampler = pipeline->make_sampler_for(settings);
-    start_sigma = sampler->sigmas()[static_cast<std::size_t>(sampler->begin_index())];
-  }
+  const bool guided = settings.guidance != 1.0;
   if (o.round_trip) {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips through the VAE of " + model_dir + ", " +
-             std::to_string(width) + "x" + std::to_string(height) + ", " + std::to_string(o.frames) +
+             std::to_string(width) + "x" + std::to_string(height) + ", " + std::to_string(settings.frames) +
              " frames, latent noise " + number_text(o.latent_noise) + ", latent blur " + number_text(o.latent_blur));
   } else if (!o.render_only) {
     // Every distinct caption (at most 90) and the negative prompt are encoded once, before the
@@ -209,28 +204,26 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     std::set<std::string> unique;
     for (const auto& c : captions) unique.insert(c.text());
     std::vector<std::string> prompts(unique.begin(), unique.end());
-    prompts.push_back(o.negative_prompt);
+    prompts.push_back(negative_prompt);
     std::vector<at::Tensor> encoded = pipeline->encode_prompts(prompts);
     for (std::size_t k = 0; k + 1 < prompts.size(); ++k) contexts[prompts[k]] = encoded[k];
     null_context = encoded.back();
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " clips, " + std::to_string(width) + "x" +
-             std::to_string(height) + ", " + std::to_string(o.frames) + " frames, " + std::to_string(o.steps) + " steps " +
-             o.sampler + ", guidance " + std::to_string(o.guidance).substr(0, 4) +
+             std::to_string(height) + ", " + std::to_string(settings.frames) + " frames, " + std::to_string(steps) + " steps " +
+             sampler + ", guidance " + std::to_string(settings.guidance).substr(0, 4) +
              (o.strength < 1.0 ? ", strength " + number_text(o.strength) + " from rendered clips" : std::string()) +
              ", model " + model_dir);
   } else {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips, " + std::to_string(width) + "x" +
-             std::to_string(height) + ", " + std::to_string(o.frames) + " frames");
+             std::to_string(height) + ", " + std::to_string(settings.frames) + " frames");
   }
 
-  // Contact sheets: the directory is created, and every file name checked, before the first clip
-  // (so a run of a hundred clips does not fail at the first sheet) but after the model's size rules
-  // (so a refused size leaves no empty directory behind).
+  // Contact sheets: the directory is created before the first clip; it and every file name were
+  // checked by the validation above, so a refused run leaves no empty directory behind.
   if (!o.save_dir.empty()) {
     std::error_code ec;
     fs::create_directories(o.save_dir, ec);
     if (!fs::is_directory(o.save_dir, ec)) throw InputError("--save-dir " + o.save_dir + ": cannot create the directory");
-    for (int i = 0; i < o.clips; ++i) check_output_path((fs::path(o.save_dir) / sheet_name(i)).string(), o.overwrite);
   }
 
   JudgeSummary summary;
@@ -243,11 +236,11 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     const Caption& truth = captions[i];
     // Clip i uses seed + i, so `vdit generate -p CAPTION --seed SEED+i` with the same settings
     // reproduces any clip of the run.
-    const std::uint64_t clip_seed = static_cast<std::uint64_t>(o.seed) + static_cast<std::uint64_t>(i);
+    const std::uint64_t clip_seed = seed + static_cast<std::uint64_t>(i);
     at::Tensor video;
     if (o.render_only || o.round_trip) {
       const ClipLayout layout = random_layout(truth, width, height, layout_rng);
-      video = render_clip(truth, layout, o.frames, width, height);
+      video = render_clip(truth, layout, settings.frames, width, height);
       if (o.round_trip) {
         // The noise stands in for a DiT sample's error: how much the decoder's shapes survive a
         // latent that misses by about this much (the demo VAE's latent has unit spread per channel).
@@ -260,15 +253,16 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     } else {
       // DiT and VAE stay loaded together for the whole run: the demo model is small, and a
       // verdict per clip as it is made beats holding every latent until the DiT is released.
-      at::Tensor start = seeded_noise(t2v_latent_shape(settings, pipeline->latent_geometry()), clip_seed);
-      if (o.strength < 1.0) {
+      const at::Tensor noise = seeded_noise(t2v_latent_shape(settings, pipeline->latent_geometry()), clip_seed);
+      at::Tensor clean;
+      if (settings.strength < 1.0) {
         // SDEdit from the rendered ground truth: where along the schedule the DiT loses (or keeps)
-        // what the clip already shows.
+        // what the clip already shows. The pipeline noises it to the first kept sigma.
         const ClipLayout layout = random_layout(truth, width, height, layout_rng);
-        const at::Tensor clean = pipeline->encode(render_clip(truth, layout, o.frames, width, height));
-        start = add_noise(clean, start, start_sigma);
+        clean = pipeline->encode(render_clip(truth, layout, settings.frames, width, height));
       }
-      const at::Tensor latent = pipeline->denoise(start, contexts.at(truth.text()), guided ? null_context : contexts.at(truth.text()), settings);
+      const at::Tensor latent = pipeline->denoise(noise, contexts.at(truth.text()),
+                                                  guided ? null_context : contexts.at(truth.text()), settings, {}, clean);
       video = pipeline->decode(latent);
     }
     const Judgement j = judge_clip(video);
@@ -296,7 +290,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                                                   {"judged", judged_text(j)},
                                                   {"verdict", verdict(truth, j)},
                                                   {"size", std::to_string(width) + "x" + std::to_string(height)},
-                                                  {"frames", std::to_string(o.frames)},
+                                                  {"frames", std::to_string(settings.frames)},
                                                   {"software", "vdit eval shapes"}};
       if (clips_use_seed) metadata["seed"] = std::to_string(clip_seed);
       if (!o.render_only) metadata["model"] = model_dir;
@@ -307,12 +301,12 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         metadata["latent noise"] = number_text(o.latent_noise);
         if (o.latent_blur > 0) metadata["latent blur"] = number_text(o.latent_blur);
       } else {
-        metadata["steps"] = std::to_string(o.steps);
+        metadata["steps"] = std::to_string(steps);
         if (o.strength < 1.0) metadata["strength"] = number_text(o.strength);
-        metadata["sampler"] = o.sampler;
-        if (o.sampler == "euler-a") metadata["eta"] = number_text(o.eta);
-        metadata["guidance"] = number_text(o.guidance);
-        if (o.shift != 0) metadata["shift"] = number_text(o.shift);
+        metadata["sampler"] = sampler;
+        if (sampler == "euler-a") metadata["eta"] = number_text(settings.eta);
+        metadata["guidance"] = number_text(settings.guidance);
+        if (shift) metadata["shift"] = number_text(*shift);
       }
       write_contact_sheet(video, (fs::path(o.save_dir) / sheet_name(i)).string(), metadata, 0, o.overwrite);
     }
@@ -333,9 +327,9 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
                         {"multi_object", summary.multi_object},
                         {"no_object", summary.no_object},
                         {"colour_unsteady", summary.colour_unsteady},
-                        {"seed", o.seed},
+                        {"seed", seed},
                         {"size", std::to_string(width) + "x" + std::to_string(height)},
-                        {"frames", o.frames},
+                        {"frames", settings.frames},
                         {"seconds", seconds}};
     // The confusion tables too, so a script sees which shapes the model mixes up, not just how
     // often: confusion.<attribute>.rows[caption][judged], in the order of .labels.
@@ -349,13 +343,13 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
       if (o.latent_blur > 0) j["latent_blur"] = o.latent_blur;
     } else if (!o.render_only) {
       j["model"] = model_dir;
-      j["steps"] = o.steps;
+      j["steps"] = steps;
       if (o.strength < 1.0) j["strength"] = o.strength;
-      j["guidance"] = o.guidance;
-      j["sampler"] = o.sampler;
-      if (o.sampler == "euler-a") j["eta"] = o.eta;
+      j["guidance"] = settings.guidance;
+      j["sampler"] = sampler;
+      if (sampler == "euler-a") j["eta"] = settings.eta;
       // null: the scheduler config's flow_shift.
-      j["shift"] = o.shift != 0 ? nlohmann::json(o.shift) : nlohmann::json(nullptr);
+      j["shift"] = shift ? nlohmann::json(*shift) : nlohmann::json(nullptr);
     }
     std::cout << j.dump() << std::endl;
   } else {
@@ -372,30 +366,20 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   auto o = std::make_shared<EvalOptions>();
   CLI::App* cmd = eval->add_subcommand(
       "shapes", "Generate random captions of the shapes demo domain and judge colour, shape and motion from the pixels");
-  cmd->add_option("-m,--model", o->model, "Model directory (default: " + default_model_dir() + ")");
+  add_model_options(*cmd, o->model);
+  SamplingHelp sampling_help;
+  sampling_help.seed = "Seed of the caption draw, 0 to 18446744073709551615; clip i is generated with seed+i";
+  sampling_help.noise = false;  // every clip draws its own noise
+  add_sampling_options(*cmd, o->sampling, sampling_help);
+  add_guidance_options(*cmd, o->guidance, "empty");
   cmd->add_option("--clips", o->clips, "Number of random captions to generate and judge")->capture_default_str();
-  cmd->add_option("-s,--seed", o->seed, "Seed of the caption draw; clip i is generated with seed+i")->capture_default_str();
-  cmd->add_option("--steps", o->steps, "Sampling steps (default: the model's vdit-demo.json, else 30)");
-  cmd->add_option("-g,--guidance", o->guidance, "Classifier-free guidance scale (default: the model's vdit-demo.json, else 4)");
-  cmd->add_option("--shift", o->shift, "Flow shift (default: the model's vdit-demo.json or scheduler config)");
-  cmd->add_option("--sampler", o->sampler, "unipc | dpm++ | euler | euler-a (stochastic)")->capture_default_str();
-  cmd->add_option("--latent-blur", o->latent_blur,
-                  "With --round-trip: blur the latent spatially with a Gaussian of this std in latent cells before "
-                  "decoding (how much of each attribute survives a DiT's positional uncertainty)");
   cmd->add_option("--strength", o->strength,
                   "Below 1: start each clip from its rendered ground truth noised to that share of the schedule "
                   "(SDEdit), to see at which noise level the model keeps or loses shape, colour and motion")
       ->capture_default_str();
-  cmd->add_option("--eta", o->eta, "euler-a: share of the posterior noise re-drawn each step, 0 (= euler) to 1")->capture_default_str();
-  cmd->add_option("--autoguidance", o->autoguidance,
-                  "Autoguidance weight (1: off): each step adds (W - 1) x (DiT output - guide DiT output), both on the caption "
-                  "(default: the model's vdit-demo.json, else 1)");
-  cmd->add_option("--guide-dit", o->guide_dit,
-                  "The weaker DiT autoguidance contrasts with: a transformer folder, a model directory or a weights file "
-                  "(default: the model's vdit-demo.json guide_dit, relative to the model directory)");
-  cmd->add_option("-n,--negative-prompt", o->negative_prompt, "Negative prompt (default: the model's vdit-demo.json, else empty)");
-  cmd->add_option("--size", o->size, "WIDTHxHEIGHT (generated: multiples of 16; at least 32x32)")->capture_default_str();
-  cmd->add_option("--frames", o->frames, "Frames per clip (generated: 4n+1)")->capture_default_str();
+  cmd->add_option("--latent-blur", o->latent_blur,
+                  "With --round-trip: blur the latent spatially with a Gaussian of this std in latent cells before "
+                  "decoding (how much of each attribute survives a DiT's positional uncertainty)");
   cmd->add_option("--save-dir", o->save_dir, "Write each clip's contact sheet here (clip_0001.png, ...)");
   cmd->add_flag("--overwrite", o->overwrite, "Replace existing contact sheets in --save-dir");
   CLI::Option* json_flag = cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies and confusion tables on stdout (the report goes to stderr)");
@@ -409,6 +393,9 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--latent-noise", o->latent_noise,
                   "With --round-trip: add Gaussian noise of this std to the latent before decoding (seed+i per clip)")
       ->capture_default_str();
+  cmd->footer("Model: default " + default_model_dir() +
+              ". Sampling and guidance defaults: the model's vdit-demo.json, else the values shown. Sizes: at least "
+              "32x32 (the judge's domain).");
   cmd->callback([o, cmd, &global] { run_eval_shapes(*o, *cmd, global); });
 }
 

@@ -4,6 +4,7 @@
 
 #include "vdit/common.h"
 #include "vdit/io/checkpoint.h"
+#include "vdit/io/input_file.h"
 #include "vdit/models/umt5.h"
 #include "vdit/models/wan_checkpoint.h"
 #include "vdit/models/wan_dit.h"
@@ -121,8 +122,12 @@ void register_info_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--dit-config", opts->overrides.dit_config, "config.json for a single-file DiT (original or diffusers keys)");
   cmd->callback([opts] {
     namespace fs = std::filesystem;
+    // Before anything opens it: a FIFO would block the read, a symlink loop is named as one.
+    check_input_path(opts->path, "", InputKind::FileOrDirectory);
+    if (!opts->overrides.dit_config.empty()) check_input_path(opts->overrides.dit_config, "--dit-config");
     nlohmann::json report;
-    if (fs::is_directory(opts->path)) {
+    std::error_code ec;
+    if (fs::is_directory(opts->path, ec)) {
       WanModelFiles files = locate_wan_model(opts->path, opts->overrides, /*require_all=*/false);
       report["model_dir"] = opts->path;
       report["layout"] = files.layout;

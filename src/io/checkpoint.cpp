@@ -2,6 +2,7 @@
 #include "vdit/io/checkpoint.h"
 
 #include "vdit/common.h"
+#include "vdit/io/input_file.h"
 #include "vdit/io/safetensors.h"
 
 #include <caffe2/serialize/inline_container.h>
@@ -49,9 +50,7 @@ void collect_tensors(const c10::IValue& value, const std::string& prefix, std::v
 }  // namespace
 
 std::shared_ptr<WeightFile> WeightFile::open(const std::string& path) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) throw InputError(path + ": no such file");
-  if (fs::is_directory(path, ec)) throw InputError(path + ": is a directory, expected a weights file");
+  check_input_path(path, "");
 
   std::shared_ptr<WeightFile> file(new WeightFile());
   file->path_ = path;

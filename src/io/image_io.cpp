@@ -2,6 +2,7 @@
 #include "vdit/io/image_io.h"
 
 #include "vdit/common.h"
+#include "vdit/io/input_file.h"
 #include "vdit/io/output_file.h"
 
 #include <algorithm>
@@ -26,9 +27,7 @@ namespace {
 constexpr unsigned char kPngSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
 
 std::vector<unsigned char> read_file_bytes(const std::string& path, const char* what) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec))
-    throw InputError(std::string("cannot read ") + what + " '" + path + "': is a directory");
+  check_input_path(path, std::string("cannot read ") + what);
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!f) throw InputError(std::string("cannot read ") + what + " '" + path + "': " + std::strerror(errno));
   std::vector<unsigned char> bytes;

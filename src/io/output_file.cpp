@@ -2,6 +2,7 @@
 #include "vdit/io/output_file.h"
 
 #include "vdit/common.h"
+#include "vdit/io/input_file.h"
 
 #include <atomic>
 #include <cerrno>
@@ -46,7 +47,7 @@ void unregister_temp(int slot) {
   std::free(g_live_temps[slot].exchange(nullptr));
 }
 
-extern "C" void remove_live_temps_and_exit(int) {
+extern "C" void remove_live_temps_and_exit(int signal_number) {
   // Files first (directories fail with EISDIR here), then the now-empty directories.
   for (int i = 0; i < kMaxLiveTemps; ++i) {
     if (const char* p = g_live_temps[i].load()) unlink(p);
@@ -54,7 +55,7 @@ extern "C" void remove_live_temps_and_exit(int) {
   for (int i = 0; i < kMaxLiveTemps; ++i) {
     if (const char* p = g_live_temps[i].load()) rmdir(p);
   }
-  _exit(130);
+  _exit(128 + signal_number);  // what a shell reports for a process the signal killed: 130, 143
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ void check_directory_replaceable(const std::string& target,
 
 // -----------------------------------------------------------------------------------------------
 
-void check_output_path(const std::string& path_in, bool overwrite, bool directory) {
+void check_output_path(const std::string& path_in, bool overwrite, bool directory,
+                       const std::function<bool(const std::string&)>& replaceable_entry) {
   if (path_in.empty()) throw InputError("output path is empty");
   const fs::path target(strip_trailing_slashes(path_in));
   const fs::path parent = parent_dir_of(target);
@@ -151,21 +153,43 @@ void check_output_path(const std::string& path_in, bool overwrite, bool director
   if (access(parent.c_str(), W_OK) != 0)
     throw InputError("output directory '" + parent.string() + "' is not writable");
 
-  if (!path_exists_no_follow(target)) return;
-  if (!overwrite) throw InputError(exists_message(target.string()));
-  const bool target_is_dir = fs::is_directory(fs::status(target, ec));
-  if (target_is_dir && !directory)
-    throw InputError("output '" + target.string() + "' is a directory; give a file name");
-  if (!target_is_dir && directory)
-    throw InputError("output '" + target.string() + "' exists and is not a directory");
+  if (path_exists_no_follow(target)) {
+    // Only what vdit could have written is ever replaced: a regular file, or for PNG frames a
+    // directory of them. A FIFO, a device node or a socket is refused with or without
+    // --overwrite (renaming over /dev/full as root would replace the system's device).
+    struct stat st {};
+    if (::stat(target.c_str(), &st) != 0)
+      throw InputError("output '" + target.string() + "' exists but cannot be examined: " + errno_text());
+    const bool is_dir = S_ISDIR(st.st_mode);
+    if (!is_dir && !S_ISREG(st.st_mode))
+      throw InputError("output '" + target.string() + "' is " + detail::file_type_name(st.st_mode) +
+                       ", not a regular file; vdit only replaces regular files");
+    if (is_dir && !directory) throw InputError("output '" + target.string() + "' is a directory; give a file name");
+    if (!is_dir && directory) throw InputError("output '" + target.string() + "' exists and is not a directory");
+    if (!overwrite) throw InputError(exists_message(target.string()));
+    if (is_dir) check_directory_replaceable(target.string(), replaceable_entry);
+  }
+
+  // Write permission bits do not tell everything (root passes access() on /proc; a read-only
+  // mount; a full quota): create and remove a probe file where the output's temporary will go.
+  const std::string probe = sibling_name(target, ".probe");
+  const int slot = register_temp(probe);
+  const int fd = open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  const int err = errno;
+  if (fd >= 0) {
+    close(fd);
+    unlink(probe.c_str());
+  }
+  unregister_temp(slot);
+  if (fd < 0 && err != EEXIST)
+    throw InputError("cannot create files in '" + parent.string() + "' (for output '" + path_in + "'): " +
+                     std::strerror(err));
 }
 
 AtomicOutput::AtomicOutput(const std::string& target, const Options& options)
     : target_(strip_trailing_slashes(target)), options_(options) {
   const bool is_dir = options_.kind == Kind::Directory;
-  check_output_path(target_, options_.overwrite, is_dir);
-  if (is_dir && options_.overwrite && path_exists_no_follow(target_))
-    check_directory_replaceable(target_, options_.replaceable_entry);
+  check_output_path(target_, options_.overwrite, is_dir, options_.replaceable_entry);
 
   // Register the candidate name before creating it, so no instant exists in which a signal
   // could leave an unregistered temporary behind.
@@ -259,6 +283,15 @@ void AtomicOutput::commit() {
     }
   }
 
+  if (options_.overwrite && !is_dir && path_exists_no_follow(target_)) {
+    // Something may have taken the target's place since the start (a FIFO, a device node).
+    struct stat st {};
+    if (::stat(target_.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+      discard();
+      throw InputError("output '" + target_ + "' is " + detail::file_type_name(st.st_mode) +
+                       ", not a regular file; vdit only replaces regular files");
+    }
+  }
   if (!options_.overwrite) {
     if (rename_no_replace(temp_, target_, is_dir) != 0) {
       const int err = errno;

@@ -3,6 +3,8 @@
 #include "vdit/io/safetensors.h"
 
 #include "vdit/common.h"
+#include "vdit/io/input_file.h"
+#include "vdit/io/output_file.h"
 
 #include <nlohmann/json.hpp>
 
@@ -248,6 +250,7 @@ SafetensorsHeader parse_safetensors(const std::uint8_t* data, std::size_t size, 
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path) {
+    check_input_path(path, "");  // before open(): a FIFO would block it
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) throw InputError(path + ": cannot open: " + std::strerror(errno));
     struct stat st {};
@@ -357,7 +360,7 @@ at::Tensor SafetensorsFile::tensor(const TensorEntry& entry) const {
 void write_safetensors(const std::string& path, const std::vector<WriteEntry>& tensors,
                        const std::map<std::string, std::string>& metadata, bool overwrite) {
   namespace fs = std::filesystem;
-  if (!overwrite && fs::exists(path)) throw InputError(path + ": exists (use --overwrite to replace it)");
+  check_output_path(path, overwrite);
 
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) {
@@ -388,43 +391,16 @@ void write_safetensors(const std::string& path, const std::vector<WriteEntry>& t
   std::string header_text = header.dump();
   while ((8 + header_text.size()) % 8 != 0) header_text.push_back(' ');  // align the data section
 
-  const fs::path target(path);
-  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  if (!fs::is_directory(dir)) throw InputError(path + ": directory '" + dir.string() + "' does not exist");
-  std::string temp = (dir / ("." + target.filename().string() + ".vdit-XXXXXX")).string();
-  int fd = ::mkstemp(temp.data());
-  if (fd < 0) throw RuntimeError(path + ": cannot create a temporary file: " + std::strerror(errno));
-  bool ok = true;
-  auto write_all = [&](const void* p, std::size_t n) {
-    const char* c = static_cast<const char*>(p);
-    while (ok && n > 0) {
-      ssize_t w = ::write(fd, c, n);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        ok = false;
-        break;
-      }
-      c += w;
-      n -= static_cast<std::size_t>(w);
-    }
-  };
+  // Through AtomicOutput: the temporary is registered for the SIGINT/SIGTERM cleanup and the
+  // target is replaced only when it is a regular file.
+  AtomicOutput out(path, overwrite);
   std::uint8_t len_bytes[8];
   std::uint64_t len = header_text.size();
   for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<std::uint8_t>(len >> (8 * i));
-  write_all(len_bytes, 8);
-  write_all(header_text.data(), header_text.size());
-  for (const auto& p : payloads) write_all(p.data_ptr(), p.numel() * p.element_size());
-  if (::fsync(fd) != 0) ok = false;
-  ::close(fd);
-  if (!ok) {
-    ::unlink(temp.c_str());
-    throw RuntimeError(path + ": write failed: " + std::strerror(errno));
-  }
-  ::chmod(temp.c_str(), 0644);
-  if (::rename(temp.c_str(), path.c_str()) != 0) {
-    ::unlink(temp.c_str());
-    throw RuntimeError(path + ": cannot rename into place: " + std::strerror(errno));
-  }
+  out.write(len_bytes, 8);
+  out.write(header_text.data(), header_text.size());
+  for (const auto& p : payloads) out.write(p.data_ptr(), static_cast<std::size_t>(p.numel() * p.element_size()));
+  out.commit();
 }
 
 }  // namespace vdit

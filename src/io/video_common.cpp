@@ -3,6 +3,7 @@
 #include "vdit/io/video_io.h"
 
 #include "vdit/common.h"
+#include "vdit/io/input_file.h"
 #include "vdit/io/output_file.h"
 
 #include <nlohmann/json.hpp>
@@ -174,7 +175,9 @@ void check_video_output(const std::string& path, const VideoWriteOptions& option
   if (options.crf < 0 || options.crf > 63)
     throw InputError("crf must be in 0..63, got " + std::to_string(options.crf));
   if (format == "png") {
-    check_output_path(path, options.overwrite, /*directory=*/true);
+    // An existing directory is only replaced when it holds nothing but frame files.
+    check_output_path(path, options.overwrite, /*directory=*/true,
+                      [](const std::string& name) { return frame_index_of(name) >= 0; });
     return;
   }
 #if defined(VDIT_WITH_FFMPEG)
@@ -208,9 +211,9 @@ void write_video(const std::string& path, const at::Tensor& frames, const VideoW
 }
 
 VideoData read_video(const std::string& path, int64_t max_frames) {
+  check_input_path(path, "cannot read video", InputKind::FileOrDirectory);
   std::error_code ec;
   const fs::file_status status = fs::status(path, ec);
-  if (!fs::exists(status)) throw InputError("cannot read video '" + path + "': no such file or directory");
   if (fs::is_directory(status)) return read_png_frames(path, max_frames);
 #if defined(VDIT_WITH_FFMPEG)
   return detail::ffmpeg_read_video(path, max_frames);
@@ -236,14 +239,19 @@ std::map<std::string, std::string> read_video_metadata(const std::string& path) 
 #endif
 }
 
+void check_contact_sheet_output(const std::string& path, bool overwrite) {
+  const std::string ext = lower(fs::path(path).extension().string());
+  if (ext != ".png" && ext != ".jpg" && ext != ".jpeg")
+    throw InputError("contact sheet '" + path + "' must be a .png or .jpg file");
+  check_output_path(path, overwrite);
+}
+
 void write_contact_sheet(const std::string& path, const at::Tensor& frames, int columns, const TextChunks& text,
                          bool overwrite, int gap) {
   check_frames_tensor(frames, path);
   const std::string ext = lower(fs::path(path).extension().string());
-  if (ext != ".png" && ext != ".jpg" && ext != ".jpeg")
-    throw InputError("contact sheet '" + path + "' must be a .png or .jpg file");
   if (gap < 0) throw InputError("contact sheet gap must be >= 0");
-  check_output_path(path, overwrite);
+  check_contact_sheet_output(path, overwrite);
 
   const at::Tensor rgb8 = to_rgb8(frames);  // [F,H,W,3]
   const int64_t count = rgb8.size(0), height = rgb8.size(1), width = rgb8.size(2);

@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "vdit/common.h"
+#include "vdit/io/input_file.h"
 
 namespace vdit {
 
@@ -394,6 +395,7 @@ WanTokenizer::WanTokenizer(std::shared_ptr<const Impl> impl, std::int64_t max_le
 }
 
 WanTokenizer WanTokenizer::from_file(const std::string& path, std::int64_t max_len) {
+  check_input_path(path, "tokenizer model");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InputError("cannot open tokenizer model '" + path + "'");
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

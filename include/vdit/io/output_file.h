@@ -14,10 +14,14 @@
 
 namespace vdit {
 
-// Validates an output path before any heavy work: the parent directory exists and is writable,
-// and the target does not exist unless `overwrite`. `directory` = the output will be a directory
-// (PNG frames); then an existing target must be a directory too. Throws InputError (one line).
-void check_output_path(const std::string& path, bool overwrite, bool directory = false);
+// Validates an output path before any heavy work: the parent directory exists and a file can be
+// created in it (a probe file is created and removed), and the target does not exist unless
+// `overwrite`. An existing target is never replaced unless it is a regular file, or with
+// `directory` (the output is a directory of PNG frames) a directory whose every entry is a
+// regular file `replaceable_entry` accepts (none by default: only an empty directory); a FIFO, a
+// device node or a socket is refused even with `overwrite`. Throws InputError (one line).
+void check_output_path(const std::string& path, bool overwrite, bool directory = false,
+                       const std::function<bool(const std::string& name)>& replaceable_entry = {});
 
 class AtomicOutput {
  public:
@@ -74,7 +78,8 @@ class AtomicOutput {
 };
 
 // Installs SIGINT/SIGTERM handlers that unlink every live temporary output and exit with
-// status 130. Idempotent; call once at program start (the CLI does).
+// status 128 + the signal (130 for SIGINT, 143 for SIGTERM). Idempotent; the CLI calls it first
+// thing in main().
 void install_interrupt_cleanup();
 
 // Number of temporaries currently registered for interrupt cleanup (for tests).

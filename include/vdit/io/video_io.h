@@ -55,6 +55,10 @@ VideoData read_video(const std::string& path, int64_t max_frames = -1);
 // or for a frame directory the text chunks of its first frame.
 std::map<std::string, std::string> read_video_metadata(const std::string& path);
 
+// Validates everything write_contact_sheet would reject about its path (extension .png/.jpg/.jpeg,
+// output path/overwrite) before any work.
+void check_contact_sheet_output(const std::string& path, bool overwrite = false);
+
 // One PNG (or JPEG, by extension) grid of the frames of [3,F,H,W], `columns` per row
 // (<= 0: ceil(sqrt(F))), `gap` black pixels between cells.
 void write_contact_sheet(const std::string& path, const at::Tensor& frames, int columns = 0,

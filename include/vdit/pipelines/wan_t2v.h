@@ -44,7 +44,7 @@ struct T2VSettings {
   // (autoguidance - 1) * (output(c) - guide_output(c)) to the guided output, pushing the sample
   // away from the errors the weaker model makes more of. 1: off (no guide model is loaded).
   double autoguidance = 1.0;
-  std::uint64_t seed = 0;
+  std::uint64_t seed = 42;         // also the CLI's default (--seed): defined here only
   std::vector<double> sigmas;     // custom schedule; empty: the sampler's own
   at::Tensor noise;               // optional latent-shaped tensor replacing the seeded noise
   bool batch_guidance = true;     // cond and uncond in one forward of batch 2
