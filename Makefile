@@ -41,10 +41,10 @@ eval-demo: build
 # stage reads only the encoder, which the fine-tune leaves as it is). About 5 h 45 min on 2 CPU cores.
 train-demo: build
 	./$(BUILD_DIR)/vdit train-demo --out models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue.json --stage dit --dit-from models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue2.json --stage dit --dit-from models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-decoder-edge.json --stage vae-decoder --decoder-from models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue3.json --stage dit --dit-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-continue.json --stage dit --dit-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-continue2.json --stage dit --dit-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-decoder-edge.json --stage vae-decoder --decoder-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-continue3.json --stage dit --dit-from models/shapes
 
 # The candidate recipe (not yet the shipped model; README, demo model): the 4x-spatial,
 # 2x-temporal VAE and its DiT in one run, then the decoder fine-tuned on that DiT's own samples.
@@ -53,8 +53,8 @@ train-demo: build
 DEMO_4S2T_OUT ?= build/shapes-4s2t
 DEMO_DEVICE ?= cpu
 train-demo-4s2t: build
-	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t.json
-	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
+	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/demo/shapes-demo-vae4s2t.json
+	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/demo/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 1800

@@ -1,11 +1,12 @@
 // The demo trainer's hyper-parameters: DemoTrainConfig's architecture defaults, its JSON reader
-// (with the checks of every value) and writer.
+// (with the checks of every value) and writer, and the recipe files' "_base" overlays.
 #include "train_internal.h"
 
 #include "vdit/common.h"
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 namespace vdit::demo {
 
@@ -53,6 +54,8 @@ WanDiTConfig DemoTrainConfig::default_dit() {
 DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   DemoTrainConfig c;
   if (!j.is_object()) throw InputError("demo training config must be a JSON object");
+  if (j.contains("_base"))
+    throw InputError("demo training config: \"_base\" names a file, so only DemoTrainConfig::from_file resolves it");
   auto get = [&](const char* key, auto& field) {
     if (j.contains(key)) {
       try {
@@ -194,7 +197,33 @@ DemoTrainConfig DemoTrainConfig::from_json(const nlohmann::json& j) {
   return c;
 }
 
-DemoTrainConfig DemoTrainConfig::from_file(const std::string& path) { return from_json(read_json(path)); }
+namespace {
+
+// A recipe file's JSON with its "_base" chain resolved (see DemoTrainConfig::from_file): the base,
+// read the same way, with this file's other keys merged over it as a JSON merge patch.
+nlohmann::json read_recipe(const fs::path& path, std::vector<fs::path>& chain) {
+  const fs::path canonical = fs::weakly_canonical(path);
+  if (std::find(chain.begin(), chain.end(), canonical) != chain.end())
+    throw InputError(path.string() + ": the \"_base\" chain leads back to this file");
+  chain.push_back(canonical);
+  nlohmann::json j = read_json(path.string());
+  if (!j.is_object()) throw InputError(path.string() + ": a demo training config must be a JSON object");
+  const auto base = j.find("_base");
+  if (base == j.end()) return j;
+  if (!base->is_string() || base->get<std::string>().empty())
+    throw InputError(path.string() + ": \"_base\" must name a config file (relative to this file's folder)");
+  nlohmann::json merged = read_recipe(path.parent_path() / base->get<std::string>(), chain);
+  j.erase(base);
+  merged.merge_patch(j);
+  return merged;
+}
+
+}  // namespace
+
+DemoTrainConfig DemoTrainConfig::from_file(const std::string& path) {
+  std::vector<fs::path> chain;
+  return from_json(read_recipe(path, chain));
+}
 
 nlohmann::json DemoTrainConfig::to_json() const {
   nlohmann::json j;
