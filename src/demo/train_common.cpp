@@ -326,6 +326,7 @@ std::string train_caption_tokenizer(const std::string& dir, std::int64_t vocab_s
   fs::remove(log, ec);
   return (fs::path(dir) / "spiece.model").string();
 }
+
 // ---- text encoder -------------------------------------------------------------------------------
 
 UMT5Encoder make_text_encoder(const DemoTrainConfig& config, std::int64_t vocab) {
@@ -337,7 +338,9 @@ UMT5Encoder make_text_encoder(const DemoTrainConfig& config, std::int64_t vocab)
   for (auto& p : model->parameters()) p.set_requires_grad(false);
   return model;
 }
+
 // ---- export -------------------------------------------------------------------------------------
+
 void save_diffusers_model(const std::string& dir, const DemoTrainConfig& config, WanDiT& dit, UMT5Encoder& text_encoder,
                           const std::string& tokenizer_path, WanVAE& vae) {
   const fs::path root(dir);
@@ -346,6 +349,7 @@ void save_diffusers_model(const std::string& dir, const DemoTrainConfig& config,
   write_text_encoder(root, text_encoder, tokenizer_path);
   write_vae(root, vae);
 }
+
 void tune_process_for_training() {
   // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
   // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).

@@ -115,6 +115,7 @@ at::Tensor dit_flow_loss(const at::Tensor& pred, const at::Tensor& target, const
   const at::Tensor w = (1.0 + object_weight * mask).expand_as(err);
   return (w * err).mean() / w.mean();
 }
+
 std::vector<at::Tensor> crop_latents_around_object(const std::vector<at::Tensor>& latents, const at::Tensor& mask,
                                                    std::int64_t crop) {
   if (mask.dim() != 5) throw InputError("crop around object: mask must be [B, 1, F', h, w]");
@@ -153,6 +154,7 @@ std::pair<at::Tensor, at::Tensor> sample_prediction_velocities(const at::Tensor&
   const at::Tensor s = sigma.clamp_min(kSamplePredictionLossMinSigma);
   return {(noisy - x0_pred) / s, (noisy - x0) / s};
 }
+
 // ---- DiT ----------------------------------------------------------------------------------------
 
 double cosine_decay(double done, double final_fraction) {
@@ -409,6 +411,7 @@ void DiTTrainer::load_state(const std::string& path) {
   }
   read_rng(ar, data_rng_, noise_gen_);
 }
+
 namespace detail {
 
 void run_dit_stage(const DemoTrainConfig& config, const DemoTrainOptions& options) {

@@ -281,6 +281,7 @@ void VAETrainer::load_finished_vae(WanVAE& finished, const std::string& source) 
     throw InputError(source + ": its VAE architecture differs from the training config's vae section");
   copy_parameters(*finished, *vae_);
 }
+
 void VAETrainer::set_generated_pairs(const GeneratedDecoderPairs& pairs) {
   if (!pairs.latents.defined() || pairs.latents.size(0) != pairs.targets.size(0) || pairs.latents.size(0) == 0)
     throw InputError("decoder pairs: latents and targets must be non-empty and of the same count");
@@ -371,7 +372,9 @@ void fold_latent_stats(WanVAE& vae, const std::vector<float>& mean, const std::v
   w2.copy_(w2d);
   b2.copy_(b2d);
 }
+
 // ---- the stages ---------------------------------------------------------------------------------
+
 namespace {
 
 std::string round_trip_line(WanVAE& vae, const DemoTrainConfig& config) {
