@@ -1,7 +1,7 @@
 // The demo trainer's shared pieces: the helpers of train_internal.h (timing, files, training
 // archives, object masks, the model export's writers), the tokenizer stage (spm_train over the
-// caption corpus), the frozen text encoder, save_diffusers_model, tune_process_for_training and
-// train_demo(), which runs the stages (see include/vdit/demo/train_demo.h for the stages and the
+// caption corpus), the frozen text encoder, save_diffusers_model and train_demo(), which runs
+// the stages (see include/vdit/demo/train_demo.h for the stages and the
 // choices behind them).
 #include "train_internal.h"
 
@@ -11,12 +11,7 @@
 #include "vdit/models/tokenizer.h"
 #include "vdit/models/wan_checkpoint.h"
 
-#include <ATen/Context.h>
-
 #include <spawn.h>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 #include <sys/wait.h>
 #include <fcntl.h>
 
@@ -348,26 +343,6 @@ void save_diffusers_model(const std::string& dir, const DemoTrainConfig& config,
   write_transformer(root, dit);
   write_text_encoder(root, text_encoder, tokenizer_path);
   write_vae(root, vae);
-}
-
-void tune_process_for_training() {
-  // Flush denormals to zero: measured on this project's CPU, a VAE training step takes 0.8 s with
-  // it and 22 s without (tiny gradients in the convolution backward hit the slow denormal path).
-  at::globalContext().setFlushDenormal(true);
-#if defined(__GLIBC__)
-  // Keep freed tensor buffers in the heap instead of returning them to the kernel: glibc maps every
-  // block above its (adaptive) threshold afresh and trims the heap on free, so each training step
-  // re-faults its activations. Measured on this project's 2-core CPU (trainer timings, not bench/):
-  // 100 VAE steps took 40.8 s with glibc's defaults and 37.0 s with these calls (system time
-  // 4.8 -> 1.5 s), with the same losses; a 1x1x1-patch DiT at batch 8 ran 2.0 s/step by default and
-  // 1.0 s/step with the same two thresholds set to 4 GiB through MALLOC_MMAP_THRESHOLD_ and
-  // MALLOC_TRIM_THRESHOLD_ (system time per 10 steps 15.7 -> 3.2 s); the same DiT at batch 16,
-  // 60 steps back to back on another machine of the kind: 2.8 s/step without these calls, 1.6 with
-  // them (loss 4.047 at step 60 either way). Training holds a steady working set, so the heap
-  // does not grow without bound.
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
 }
 
 void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options) {

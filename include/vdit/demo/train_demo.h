@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "vdit/demo/process_tuning.h"
 #include "vdit/models/umt5.h"
 #include "vdit/models/wan_dit.h"
 #include "vdit/demo/shapes.h"
@@ -236,11 +237,6 @@ struct DemoTrainOptions {
 // Changes nothing of the process: a program that trains for long should call
 // tune_process_for_training() first, as `vdit train-demo` does.
 void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options);
-
-// Process-wide settings that make training steps on the CPU several times faster: flush
-// denormals to zero and keep freed buffers in glibc's heap. They affect every thread and every
-// later computation of the process, which is why the library never sets them by itself.
-void tune_process_for_training();
 
 // The 90 captions plus nothing else, one per line: the tokenizer's training text.
 std::vector<std::string> caption_corpus();
