@@ -1,14 +1,14 @@
 # The two entry points a new user needs:
 #   make run   - install what is missing, build, and generate a demo video with the built-in model
 #   make test  - install what is missing, build, and run the test suite
-# Other targets: build, build-vdit, bench, eval-demo, train-demo, train-demo-4s2t, test-asan, clean.
+# Other targets: build, build-vdit, install, bench, eval-demo, train-demo, train-demo-4s2t, test-asan, clean.
 
 BUILD_DIR ?= build
 ASAN_DIR ?= build-asan
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: run test deps build build-vdit bench eval-demo train-demo train-demo-4s2t test-asan clean
+.PHONY: run test deps build build-vdit install bench eval-demo train-demo train-demo-4s2t test-asan clean
 
 DEMO_PROMPT ?= a red circle moving right
 
@@ -59,6 +59,11 @@ DEMO_DEVICE ?= cpu
 train-demo-4s2t: build-vdit
 	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/demo/shapes-demo-vae4s2t.json
 	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/demo/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
+
+# Installs the CLI, the runtime library, its headers and the CMake package for find_package(vdit)
+# (see examples/) under PREFIX (default: CMake's, /usr/local).
+install: build
+	cmake --install $(BUILD_DIR) $(if $(PREFIX),--prefix $(PREFIX))
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 1800
