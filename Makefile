@@ -1,14 +1,14 @@
 # The two entry points a new user needs:
 #   make run   - install what is missing, build, and generate a demo video with the built-in model
 #   make test  - install what is missing, build, and run the test suite
-# Other targets: build, bench, eval-demo, train-demo, train-demo-4s2t, test-asan, clean.
+# Other targets: build, build-vdit, install, bench, eval-demo, train-demo, train-demo-4s2t, test-asan, clean.
 
 BUILD_DIR ?= build
 ASAN_DIR ?= build-asan
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: run test deps build bench eval-demo train-demo train-demo-4s2t test-asan clean
+.PHONY: run test deps build build-vdit install bench eval-demo train-demo train-demo-4s2t test-asan clean
 
 DEMO_PROMPT ?= a red circle moving right
 
@@ -21,9 +21,13 @@ $(BUILD_DIR)/CMakeCache.txt:
 build: deps $(BUILD_DIR)/CMakeCache.txt
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
+# The CLI alone (not the tests, benchmarks or examples): what run, eval-demo and train-demo run.
+build-vdit: deps $(BUILD_DIR)/CMakeCache.txt
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target vdit
+
 # Text-to-video with the built-in demo model (models/shapes): 64x64, 9 frames, 8 fps.
 # Until the demo model is trained and committed, prints the help instead.
-run: build
+run: build-vdit
 	@if [ -f models/shapes/model_index.json ]; then \
 	  ./$(BUILD_DIR)/vdit generate --prompt "$(DEMO_PROMPT)" -o vdit-demo.mp4 --sheet vdit-demo-sheet.png --overwrite; \
 	else \
@@ -32,19 +36,19 @@ run: build
 	fi
 
 # Scores the demo model on 100 random captions (colour, shape, motion from the pixels).
-eval-demo: build
+eval-demo: build-vdit
 	./$(BUILD_DIR)/vdit eval shapes --clips 100
 
 # Retrains the demo model from scratch into models/shapes, the five steps that made the shipped one
 # (recorded in models/shapes/vdit-demo.json, "_recipe"): the from-scratch run, two DiT continuations
 # at lower learning rates, the decoder's edge-term fine-tune, and a third DiT continuation (the DiT
 # stage reads only the encoder, which the fine-tune leaves as it is). About 5 h 45 min on 2 CPU cores.
-train-demo: build
+train-demo: build-vdit
 	./$(BUILD_DIR)/vdit train-demo --out models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue.json --stage dit --dit-from models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue2.json --stage dit --dit-from models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-decoder-edge.json --stage vae-decoder --decoder-from models/shapes
-	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/shapes-demo-continue3.json --stage dit --dit-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-continue.json --stage dit --dit-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-continue2.json --stage dit --dit-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-decoder-edge.json --stage vae-decoder --decoder-from models/shapes
+	./$(BUILD_DIR)/vdit train-demo --out models/shapes --train-config configs/demo/shapes-demo-continue3.json --stage dit --dit-from models/shapes
 
 # The candidate recipe (not yet the shipped model; README, demo model): the 4x-spatial,
 # 2x-temporal VAE and its DiT in one run, then the decoder fine-tuned on that DiT's own samples.
@@ -52,9 +56,14 @@ train-demo: build
 # DEMO_DEVICE=cuda trains the VAE and DiT stages on the GPU (the same draws as on the CPU).
 DEMO_4S2T_OUT ?= build/shapes-4s2t
 DEMO_DEVICE ?= cpu
-train-demo-4s2t: build
-	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t.json
-	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
+train-demo-4s2t: build-vdit
+	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/demo/shapes-demo-vae4s2t.json
+	./$(BUILD_DIR)/vdit --device $(DEMO_DEVICE) train-demo --out $(DEMO_4S2T_OUT) --train-config configs/demo/shapes-demo-vae4s2t-decoder-generated.json --stage vae-decoder --decoder-from $(DEMO_4S2T_OUT)
+
+# Installs the CLI, the runtime library, its headers and the CMake package for find_package(vdit)
+# (see examples/) under PREFIX (default: CMake's, /usr/local).
+install: build
+	cmake --install $(BUILD_DIR) $(if $(PREFIX),--prefix $(PREFIX))
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 1800

@@ -2,7 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include "vdit/common.h"
-#include "vdit/demo/train_demo.h"
+#include "vdit/demo/process_tuning.h"
 
 #include <cstdlib>
 #include <cstring>

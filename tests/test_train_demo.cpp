@@ -111,8 +111,8 @@ void check_directory_generates(const fs::path& dir, const DemoTrainConfig& c, co
 
 }  // namespace
 
-TEST_CASE("train-demo: configs/shapes-demo.json is the built-in default", "[train]") {
-  const auto file = DemoTrainConfig::from_file(std::string(VDIT_SOURCE_DIR) + "/configs/shapes-demo.json");
+TEST_CASE("train-demo: configs/demo/shapes-demo.json is the built-in default", "[train]") {
+  const auto file = DemoTrainConfig::from_file(std::string(VDIT_SOURCE_DIR) + "/configs/demo/shapes-demo.json");
   CHECK(file.to_json() == DemoTrainConfig::from_json(nlohmann::json::object()).to_json());
   // Clips of 64x64x9 make [16, 3, 16, 16] latents (4x spatial VAE) and 192 DiT tokens with
   // Wan's 1x2x2 patches.
@@ -124,11 +124,11 @@ TEST_CASE("train-demo: configs/shapes-demo.json is the built-in default", "[trai
   CHECK(file.dit.text_dim == file.text_encoder.dim);
 }
 
-TEST_CASE("train-demo: every shapes-demo config in configs/ reads and survives a write and a read", "[train]") {
+TEST_CASE("train-demo: every recipe in configs/demo reads and survives a write and a read", "[train]") {
   std::size_t seen = 0;
-  for (const auto& e : fs::directory_iterator(fs::path(VDIT_SOURCE_DIR) / "configs")) {
+  for (const auto& e : fs::directory_iterator(fs::path(VDIT_SOURCE_DIR) / "configs" / "demo")) {
     const std::string name = e.path().filename().string();
-    if (name.rfind("shapes-demo", 0) != 0 || e.path().extension() != ".json") continue;
+    if (e.path().extension() != ".json") continue;
     INFO(name);
     ++seen;
     DemoTrainConfig c;
@@ -136,7 +136,58 @@ TEST_CASE("train-demo: every shapes-demo config in configs/ reads and survives a
     CHECK(c.dit.in_dim == c.vae.z_dim);
     CHECK(DemoTrainConfig::from_json(c.to_json()).to_json() == c.to_json());
   }
-  CHECK(seen >= 10);
+  CHECK(seen == 11);
+}
+
+TEST_CASE("train-demo: every recipe in configs/demo resolves to the settings its full file had", "[train]") {
+  // The recipes were full files in configs/ until they became a base (shapes-demo.json) and
+  // overlays of it. tests/fixtures/demo-recipes holds what the loader of that time made of each
+  // full file (DemoTrainConfig::from_file(...).to_json(), as train-state/config.json records it);
+  // each overlay must give exactly that.
+  const fs::path recipes = fs::path(VDIT_SOURCE_DIR) / "configs" / "demo";
+  const fs::path resolved = fs::path(VDIT_FIXTURES_DIR) / "demo-recipes";
+  std::size_t seen = 0;
+  for (const auto& e : fs::directory_iterator(resolved)) {
+    const std::string name = e.path().filename().string();
+    INFO(name);
+    ++seen;
+    std::ifstream in(e.path());
+    const nlohmann::json expected = nlohmann::json::parse(in);
+    REQUIRE(fs::exists(recipes / name));
+    CHECK(DemoTrainConfig::from_file((recipes / name).string()).to_json() == expected);
+  }
+  CHECK(seen == 11);
+  for (const auto& e : fs::directory_iterator(recipes)) {
+    INFO(e.path().filename().string());
+    CHECK(fs::exists(resolved / e.path().filename()));
+  }
+}
+
+TEST_CASE("train-demo: a recipe's keys are merged over its _base, sections key by key", "[train]") {
+  const fs::path dir = temp_dir("recipes");
+  const std::string base = (fs::path(VDIT_SOURCE_DIR) / "configs" / "demo" / "shapes-demo.json").string();
+  auto write = [&](const std::string& name, const nlohmann::json& j) { std::ofstream(dir / name) << j.dump(2); };
+  write("a.json", {{"_base", base}, {"dit_steps", 5}, {"vae", {{"temperal_downsample", {false, true}}}}});
+  fs::create_directories(dir / "sub");
+  write("sub/b.json", {{"_base", "../a.json"}, {"dit_steps", 7}, {"dit_lr", nullptr}});
+  const DemoTrainConfig shipped = DemoTrainConfig::from_file(base);
+  const DemoTrainConfig b = DemoTrainConfig::from_file((dir / "sub" / "b.json").string());
+  CHECK(b.dit_steps == 7);                                                        // b over a
+  CHECK(b.vae.temporal_downsample == std::vector<bool>{false, true});             // a over the base
+  CHECK(b.vae.dim == shipped.vae.dim);                                            // the rest of the base's section
+  CHECK(b.vae.dim_mult == shipped.vae.dim_mult);
+  CHECK(b.vae_steps == shipped.vae_steps);
+  CHECK(b.dit_lr == DemoTrainConfig::from_json(nlohmann::json::object()).dit_lr);  // null: the default
+  // A chain that comes back, a base that is missing or not a file name, and a "_base" outside a file.
+  write("loop1.json", {{"_base", "loop2.json"}});
+  write("loop2.json", {{"_base", "loop1.json"}});
+  CHECK_THROWS_WITH(DemoTrainConfig::from_file((dir / "loop1.json").string()), Catch::Contains("leads back"));
+  write("missing.json", {{"_base", "nowhere.json"}});
+  CHECK_THROWS_WITH(DemoTrainConfig::from_file((dir / "missing.json").string()), Catch::Contains("nowhere.json"));
+  write("number.json", {{"_base", 3}});
+  CHECK_THROWS_AS(DemoTrainConfig::from_file((dir / "number.json").string()), vdit::InputError);
+  CHECK_THROWS_WITH(DemoTrainConfig::from_json({{"_base", "a.json"}}), Catch::Contains("from_file"));
+  fs::remove_all(dir);
 }
 
 TEST_CASE("train-demo: the DiT's learning-rate decay is a cosine from 1 to dit_lr_final", "[train]") {

@@ -1,6 +1,6 @@
 // `vdit train-demo`: trains the built-in shapes demo model (vdit::demo::train_demo) and writes it
 // in the diffusers layout. Hyper-parameters come from the built-in defaults (identical to
-// configs/shapes-demo.json) or --train-config; the budget options override them.
+// configs/demo/shapes-demo.json) or --train-config; the budget options override them.
 #include "commands.h"
 
 #include "vdit/common.h"
@@ -23,7 +23,7 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global) {
   CLI::App* cmd = app.add_subcommand("train-demo", "Train the built-in shapes demo model from scratch (tokenizer, VAE, DiT)");
   cmd->add_option("--out", args->options.out_dir, "Model directory to write (diffusers layout; training state in OUT/train-state)")->required();
   cmd->add_option("--stage", args->options.stage, "tokenizer, vae, vae-decoder (only the VAE's decoder phase), dit or all")->capture_default_str();
-  cmd->add_option("--train-config", args->train_config, "Hyper-parameter JSON (default: built in, = configs/shapes-demo.json)");
+  cmd->add_option("--train-config", args->train_config, "Hyper-parameter JSON (default: built in, = configs/demo/shapes-demo.json)");
   cmd->add_option("--vae-minutes", args->vae_minutes, "VAE training budget in minutes (counted over resumed runs)");
   cmd->add_option("--dit-minutes", args->dit_minutes, "DiT training budget in minutes (counted over resumed runs)");
   cmd->add_option("--vae-steps", args->vae_steps, "VAE training budget in steps (overrides minutes)");

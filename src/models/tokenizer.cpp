@@ -342,6 +342,10 @@ const SentencePieceApi& sentencepiece_api() {
       candidates.push_back(dir + "/libvdit_spm.so");
       candidates.push_back(dir + "/../lib/libvdit_spm.so");
     }
+    // By name: the program's run path (a program built with find_package(vdit) has the installed
+    // lib/ there), LD_LIBRARY_PATH and the system's library paths.
+    candidates.emplace_back("libvdit_spm.so");
+    // Where the build tree put it, for programs run from there.
 #ifdef VDIT_SPM_SHIM_PATH
     candidates.emplace_back(VDIT_SPM_SHIM_PATH);
 #endif

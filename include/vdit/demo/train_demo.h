@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "vdit/demo/process_tuning.h"
 #include "vdit/models/umt5.h"
 #include "vdit/models/wan_dit.h"
 #include "vdit/demo/shapes.h"
@@ -31,7 +32,7 @@
 
 namespace vdit::demo {
 
-// Model and training hyper-parameters (configs/shapes-demo.json). Every key is optional; the
+// Model and training hyper-parameters (configs/demo/shapes-demo.json). Every key is optional; the
 // defaults are the shipped demo model's.
 struct DemoTrainConfig {
   // Clips.
@@ -128,7 +129,7 @@ struct DemoTrainConfig {
   std::int64_t dit_warmup = 200;
   // After the warm-up the learning rate follows a cosine from dit_lr down to dit_lr_final * dit_lr
   // over the stage's budget (steps or minutes). 1, the shipped recipe: constant, as the shipped DiT
-  // was trained (its later phases are continuations at lower constant rates, configs/
+  // was trained (its later phases are continuations at lower constant rates, configs/demo/
   // shapes-demo-continue*.json); below 1 one run does that decay by itself.
   double dit_lr_final = 1.0;
   // Every this many DiT steps (0: never) the EMA DiT is also written as a complete model directory
@@ -200,6 +201,10 @@ struct DemoTrainConfig {
   static WanDiTConfig default_dit();
 
   static DemoTrainConfig from_json(const nlohmann::json& j);
+  // A recipe file (configs/demo/). It may name a base recipe, "_base": "FILE" (relative to its own
+  // folder; bases may have bases), and give only the keys it changes: they are merged over the
+  // base's as a JSON merge patch (RFC 7396), so a section such as "vae" or "dit" changes key by
+  // key, any other value replaces the base's, and null removes a key (its default applies).
   static DemoTrainConfig from_file(const std::string& path);
   nlohmann::json to_json() const;
 };
@@ -232,11 +237,6 @@ struct DemoTrainOptions {
 // Changes nothing of the process: a program that trains for long should call
 // tune_process_for_training() first, as `vdit train-demo` does.
 void train_demo(const DemoTrainConfig& config, const DemoTrainOptions& options);
-
-// Process-wide settings that make training steps on the CPU several times faster: flush
-// denormals to zero and keep freed buffers in glibc's heap. They affect every thread and every
-// later computation of the process, which is why the library never sets them by itself.
-void tune_process_for_training();
 
 // The 90 captions plus nothing else, one per line: the tokenizer's training text.
 std::vector<std::string> caption_corpus();
