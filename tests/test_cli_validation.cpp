@@ -5,6 +5,8 @@
 // so the table runs in seconds.
 #include <catch2/catch.hpp>
 
+#include "test_helpers.h"
+
 #include "vdit/io/output_file.h"
 #include "vdit/io/safetensors.h"
 #include "vdit/pipelines/memory_estimate.h"
@@ -128,18 +130,8 @@ std::vector<std::string> split_args(const std::string& text) {
 
 std::size_t lines(const std::string& text) { return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n')); }
 
-struct TempRoot {
-  fs::path path;
-  TempRoot() {
-    path = fs::temp_directory_path() / ("vdit-issue39-" + std::to_string(getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempRoot() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
+struct TempRoot : vdit_test::ScopedTempDir {
+  TempRoot() : ScopedTempDir("issue39") {}
 };
 
 // A model directory beside the built-in demo model's parts (symlinked) with its own vdit-demo.json.

@@ -1,6 +1,8 @@
 // Image/video input-output and atomic output files.
 #include <catch2/catch.hpp>
 
+#include "test_helpers.h"
+
 #include "vdit/common.h"
 #include "vdit/io/image_io.h"
 #include "vdit/io/output_file.h"
@@ -27,20 +29,8 @@ using namespace vdit;
 namespace {
 
 // A fresh directory per test, removed afterwards.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("vdit_io_test_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
+struct TempDir : vdit_test::ScopedTempDir {
+  TempDir() : ScopedTempDir("io") {}
   // Entries whose names mark them as our temporaries.
   int temp_entries() const {
     int n = 0;

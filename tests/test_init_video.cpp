@@ -3,6 +3,8 @@
 // the first kept sigma, the remaining steps run).
 #include <catch2/catch.hpp>
 
+#include "test_helpers.h"
+
 #include "cli_runner.h"
 #include "vdit/common.h"
 #include "vdit/io/image_io.h"
@@ -29,17 +31,8 @@ at::Tensor ramp_clip(std::int64_t frames, std::int64_t height, std::int64_t widt
   return (level + across).expand({3, frames, height, width}).contiguous();
 }
 
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("vdit-init-" + std::to_string(getpid()));
-  TempDir() {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
+struct TempDir : vdit_test::ScopedTempDir {
+  TempDir() : ScopedTempDir("init") {}
 };
 
 }  // namespace
