@@ -1,14 +1,19 @@
 # The two entry points a new user needs:
 #   make run   - install what is missing, build, and generate a demo video with the built-in model
 #   make test  - install what is missing, build, and run the test suite
-# Other targets: build, build-vdit, install, bench, eval-demo, train-demo, train-demo-4s2t, test-asan, clean.
+#              (the ctest suite, then test-asan, then a minute of fuzzing where clang is present)
+# Other targets: build, build-vdit, install, bench, eval-demo, train-demo, train-demo-4s2t, test-asan,
+# fuzz, clean.
 
 BUILD_DIR ?= build
 ASAN_DIR ?= build-asan
+FUZZ_DIR ?= build-fuzz
+# Seconds per fuzz target (five targets): `make fuzz FUZZ_SECONDS=300` for a longer run.
+FUZZ_SECONDS ?= 12
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: run test deps build build-vdit install bench eval-demo train-demo train-demo-4s2t test-asan clean
+.PHONY: run test deps build build-vdit install bench eval-demo train-demo train-demo-4s2t test-asan fuzz clean
 
 DEMO_PROMPT ?= a red circle moving right
 
@@ -65,8 +70,17 @@ train-demo-4s2t: build-vdit
 install: build
 	cmake --install $(BUILD_DIR) $(if $(PREFIX),--prefix $(PREFIX))
 
+FUZZ_RUN = BUILD_DIR=$(BUILD_DIR) FUZZ_DIR=$(FUZZ_DIR) JOBS=$(JOBS) bash scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# The sanitizer build and the fuzz run are part of the test so that neither can rot unnoticed.
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 1800
+	$(MAKE) --no-print-directory test-asan
+	$(FUZZ_RUN)
+
+# libFuzzer on the parsers a user's file reaches (tests/fuzz; needs clang, skips without it).
+fuzz: build
+	$(FUZZ_RUN)
 
 bench: build
 	./$(BUILD_DIR)/bench_attention
@@ -78,4 +92,4 @@ test-asan: deps
 	cd $(ASAN_DIR) && ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ./vdit_checkpoint_tests "[safetensors]"
 
 clean:
-	rm -rf $(BUILD_DIR) $(ASAN_DIR)
+	rm -rf $(BUILD_DIR) $(ASAN_DIR) $(FUZZ_DIR)

@@ -31,7 +31,8 @@ cmake --build "$fuzz_dir" -j "$jobs" --target "${targets[@]}"
 # Seeds: read-only corpora from tests/fixtures; what a run adds goes to $fuzz_dir/corpus/<target>.
 seeds="$fuzz_dir/seeds"
 rm -rf "$seeds"
-mkdir -p "$seeds/weight_file" "$seeds/json" "$seeds/prompt" "$fuzz_dir/artifacts"
+mkdir -p "$seeds/weight_file" "$seeds/json" "$seeds/prompt" "$seeds/spm" "$fuzz_dir/artifacts"
+cp tests/fixtures/tokenizer/tiny_unigram.model "$seeds/spm/"
 cp tests/fixtures/malformed/*.safetensors tests/fixtures/wan-tiny/t5/weights_bf16.pth "$seeds/weight_file/"
 printf '{"weight_map": {"a": "missing.safetensors"}}' >"$seeds/weight_file/index.json"
 cp configs/*.json configs/demo/*.json tests/fixtures/wan-tiny/e2e/dit_config.json "$seeds/json/"
@@ -47,7 +48,7 @@ seed_dirs() {
     fuzz_weight_file) echo "$seeds/weight_file" ;;
     fuzz_json_configs) echo "$seeds/json" tests/fixtures/demo-recipes ;;
     fuzz_prompt) echo "$seeds/prompt" ;;
-    fuzz_spm_model) echo tests/fixtures/tokenizer/tiny_unigram.model ;;
+    fuzz_spm_model) echo "$seeds/spm" ;;
   esac
 }
 
