@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 namespace vdit {
@@ -218,11 +219,21 @@ double number_or(const json& doc, const char* key, double fallback, const std::s
   return value->get<double>();
 }
 
+// A JSON integer as an int; one past int's range is refused (get<int> would wrap it silently).
+int checked_int(const json& value, const char* key, const std::string& label) {
+  const bool fits = value.is_number_unsigned()
+                        ? value.get<std::uint64_t>() <= static_cast<std::uint64_t>(std::numeric_limits<int>::max())
+                        : value.get<std::int64_t>() >= std::numeric_limits<int>::min() &&
+                              value.get<std::int64_t>() <= std::numeric_limits<int>::max();
+  if (!fits) throw InputError(label + ": '" + key + "' is out of range, got " + value.dump());
+  return value.get<int>();
+}
+
 int int_or(const json& doc, const char* key, int fallback, const std::string& label) {
   const json* value = find_key(doc, key);
   if (!value) return fallback;
   if (!value->is_number_integer()) throw InputError(label + ": '" + key + "' must be an integer");
-  return value->get<int>();
+  return checked_int(*value, key, label);
 }
 
 bool bool_or(const json& doc, const char* key, bool fallback, const std::string& label) {
@@ -315,7 +326,7 @@ SamplerConfig from_scheduler_config(const std::string& json_text, const std::str
       if (!disabled->is_array()) throw InputError(label + ": 'disable_corrector' must be a list of step indices");
       for (const json& index : *disabled) {
         if (!index.is_number_integer()) throw InputError(label + ": 'disable_corrector' must be a list of step indices");
-        config.disable_corrector.push_back(index.get<int>());
+        config.disable_corrector.push_back(checked_int(index, "disable_corrector", label));
       }
     }
     if (find_key(doc, "solver_p")) throw InputError(label + ": 'solver_p' is not supported");

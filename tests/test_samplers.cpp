@@ -432,6 +432,12 @@ TEST_CASE("sampler: diffusers scheduler_config.json", "[sampler]") {
                   vdit::InputError);
 
   CHECK_THROWS_AS(vdit::from_scheduler_config("{not json"), vdit::InputError);
+  // Integers past int's range were wrapped silently (4294967298 read as 2).
+  CHECK_THROWS_WITH(vdit::from_scheduler_config(R"({"_class_name": "FlowUniPCMultistepScheduler", "solver_order": 4294967298})"),
+                    Catch::Contains("'solver_order' is out of range"));
+  CHECK_THROWS_WITH(vdit::from_scheduler_config(
+                        R"({"_class_name": "FlowUniPCMultistepScheduler", "disable_corrector": [18446744073709551615]})"),
+                    Catch::Contains("'disable_corrector' is out of range"));
   CHECK_THROWS_AS(vdit::from_scheduler_config("[1, 2]"), vdit::InputError);
   CHECK_THROWS_AS(vdit::from_scheduler_config(R"({"_class_name": "DDIMScheduler"})"), vdit::InputError);
   CHECK_THROWS_AS(vdit::from_scheduler_config(R"({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": true})"),

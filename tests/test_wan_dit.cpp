@@ -657,6 +657,24 @@ TEST_CASE("Wan DiT config: JSON in both spellings, presets, inference from weigh
   CHECK(WanDiTConfig::from_json(extra) == WanDiTConfig::t2v_1_3b());
 }
 
+// Found by tests/fuzz/fuzz_json_configs (issue 39): converting 1e300 to int64 and
+// heads x head_dim past 2^63 were undefined behaviour (UBSan aborts); now one-line InputErrors.
+TEST_CASE("Wan DiT config: huge numbers are InputErrors, not undefined conversions", "[dit]") {
+  const auto parse = [](const char* text) { return WanDiTConfig::from_json(nlohmann::json::parse(text)); };
+  CHECK_THAT(input_error_of([&] { parse(R"({"dim": 1e300, "num_heads": 1, "ffn_dim": 1, "num_layers": 1})"); }),
+             Catch::Contains("'dim' is out of range"));
+  CHECK_THAT(input_error_of([&] { parse(R"({"dim": 18446744073709551615, "num_heads": 1, "ffn_dim": 1, "num_layers": 1})"); }),
+             Catch::Contains("'dim' is out of range"));
+  CHECK_THAT(input_error_of([&] {
+               parse(R"({"num_attention_heads": 4611686018427387904, "attention_head_dim": 4, "ffn_dim": 1, "num_layers": 1})");
+             }),
+             Catch::Contains("out of range"));
+  CHECK_THAT(input_error_of([&] {
+               parse(R"({"dim": 64, "num_heads": 4611686018427387904, "attention_head_dim": 4, "ffn_dim": 1, "num_layers": 1})");
+             }),
+             Catch::Contains("disagrees"));
+}
+
 TEST_CASE("Wan DiT rejects bad inputs with InputError", "[dit]") {
   WanDiT model = load_model(kDir + "weights.safetensors", at::kFloat);
   const Case c = load_case("video");

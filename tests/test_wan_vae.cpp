@@ -123,6 +123,17 @@ TEST_CASE("wan vae: config from json, from weights, strides", "[vae]") {
   CHECK_THROWS_WITH(WanVAEConfig::from_json(bad), Catch::Contains("'dim'"));
 }
 
+// Found by tests/fuzz/fuzz_json_configs (issue 39): nlohmann's conversion of 1e300 to int64 was
+// undefined behaviour (UBSan aborts); integer fields now refuse what does not fit.
+TEST_CASE("wan vae: config integers out of range are InputErrors", "[vae]") {
+  for (const char* text : {R"({"z_dim": 1e300})", R"({"dim": -1e300})", R"({"dim_mult": [1, 2, 1e300]})",
+                           R"({"num_res_blocks": 18446744073709551615})", R"({"dim": 2.5})"}) {
+    INFO(text);
+    CHECK_THROWS_AS(WanVAEConfig::from_json(nlohmann::json::parse(text)), InputError);
+  }
+  CHECK(WanVAEConfig::from_json(nlohmann::json::parse(R"({"dim": 96.0})")).dim == 96);
+}
+
 TEST_CASE("wan vae: parameter names are the original checkpoint keys", "[vae]") {
   WanVAE vae(WanVAEConfig::from_json(manifest()["config"]));
   auto file = WeightFile::open(kDir + "weights.safetensors");

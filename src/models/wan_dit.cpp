@@ -267,12 +267,24 @@ void WanDiTConfig::validate() const {
 
 namespace {
 
+// Values past 2^62 are refused rather than converted: a double that large (1e300) would be
+// undefined to convert, an unsigned one past 2^63-1 would wrap negative, and the products the
+// config takes (heads x head dim) must stay in range.
 std::int64_t json_int(const nlohmann::json& v, const std::string& key) {
+  constexpr std::int64_t kLimit = std::int64_t{1} << 62;
+  auto out_of_range = [&] { return InputError("DiT config: '" + key + "' is out of range, got " + v.dump()); };
   if (!v.is_number_integer()) {
-    if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()) return static_cast<std::int64_t>(v.get<double>());
+    if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()) {
+      const double d = v.get<double>();
+      if (!(std::fabs(d) <= static_cast<double>(kLimit))) throw out_of_range();
+      return static_cast<std::int64_t>(d);
+    }
     throw InputError("DiT config: '" + key + "' must be an integer, got " + v.dump());
   }
-  return v.get<std::int64_t>();
+  if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(kLimit)) throw out_of_range();
+  const std::int64_t i = v.get<std::int64_t>();
+  if (i > kLimit || i < -kLimit) throw out_of_range();
+  return i;
 }
 
 double json_double(const nlohmann::json& v, const std::string& key) {
@@ -346,7 +358,10 @@ WanDiTConfig WanDiTConfig::from_json(const nlohmann::json& j) {
     if (!heads) throw InputError("DiT config: missing required key 'num_attention_heads'");
     if (!head_dim && !dim) throw InputError("DiT config: missing required key 'attention_head_dim'");
     if (head_dim) {
-      const std::int64_t product = *heads * *head_dim;
+      std::int64_t product = 0;
+      if (__builtin_mul_overflow(*heads, *head_dim, &product)) {
+        throw InputError("DiT config: num_attention_heads x attention_head_dim is out of range");
+      }
       if (dim && *dim != product) {
         throw InputError("DiT config: 'dim' " + std::to_string(*dim) + " != num_attention_heads x attention_head_dim = " +
                          std::to_string(product));
@@ -356,7 +371,10 @@ WanDiTConfig WanDiTConfig::from_json(const nlohmann::json& j) {
   } else {
     if (!dim) throw InputError("DiT config: missing required key 'dim'");
     if (!heads) throw InputError("DiT config: missing required key 'num_heads'");
-    if (head_dim && *head_dim * *heads != *dim) throw InputError("DiT config: 'attention_head_dim' disagrees with dim/num_heads");
+    std::int64_t product = 0;
+    if (head_dim && (__builtin_mul_overflow(*head_dim, *heads, &product) || product != *dim)) {
+      throw InputError("DiT config: 'attention_head_dim' disagrees with dim/num_heads");
+    }
   }
   if (!ffn) throw InputError("DiT config: missing required key 'ffn_dim'");
   if (!layers) throw InputError("DiT config: missing required key 'num_layers'");

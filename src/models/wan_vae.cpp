@@ -15,6 +15,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 namespace vdit {
 
@@ -497,9 +498,26 @@ WanVAEConfig WanVAEConfig::from_json(const nlohmann::json& j) {
     }
     return nullptr;
   };
+  // An integer field takes JSON integers (or whole floats) up to 2^62: nlohmann's conversion of a
+  // larger double (1e300) to int64 would be undefined, an unsigned past 2^63-1 would wrap.
+  auto check_integer = [&](const nlohmann::json& v, const char* name) {
+    constexpr double kLimit = 4611686018427387904.0;  // 2^62
+    const bool ok = v.is_number_integer() ? (v.is_number_unsigned() ? v.get<std::uint64_t>() <= (std::uint64_t{1} << 62)
+                                                                    : std::fabs(static_cast<double>(v.get<std::int64_t>())) <= kLimit)
+                                          : !v.is_number_float() || (std::floor(v.get<double>()) == v.get<double>() &&
+                                                                     std::fabs(v.get<double>()) <= kLimit);
+    if (!ok) throw InputError(std::string("wan vae config: field '") + name + "' must be an integer up to 2^62, got " + v.dump());
+  };
   auto read = [&](std::initializer_list<const char*> names, auto& target) {
     const nlohmann::json* v = field(names);
     if (!v) return;
+    using Target = std::decay_t<decltype(target)>;
+    if constexpr (std::is_same_v<Target, std::int64_t>) {
+      check_integer(*v, *names.begin());
+    } else if constexpr (std::is_same_v<Target, std::vector<std::int64_t>>) {
+      if (v->is_array())
+        for (const auto& e : *v) check_integer(e, *names.begin());
+    }
     try {
       v->get_to(target);
     } catch (const nlohmann::json::exception&) {
