@@ -174,6 +174,11 @@ TEST_CASE("WanTokenizer reports unusable models as InputError", "[tokenizer]") {
   CHECK_THROWS_AS(WanTokenizer::from_bytes(std::string("this is not a protobuf \x01\x02\x03", 26)), InputError);
   CHECK_THROWS_AS(WanTokenizer::from_tensor(at::zeros({4}, at::kFloat)), InputError);
   CHECK_THROWS_AS(WanTokenizer::from_tensor(at::zeros({2, 2}, at::kByte)), InputError);
+  // Found by tests/fuzz/fuzz_spm_model: tiny_unigram.model with four bytes of its character map's
+  // trie swapped loaded, then libsentencepiece read out of bounds on the first encode (SEGV).
+  const std::string corrupt = std::string(VDIT_FIXTURES_DIR) + "/tokenizer/corrupt_charsmap.model";
+  CHECK_THROWS_AS(WanTokenizer::from_file(corrupt), InputError);
+  CHECK_THROWS_WITH(WanTokenizer::from_file(corrupt), Catch::Contains("precompiled_charsmap is corrupt"));
   try {
     WanTokenizer::from_file("/nonexistent/spiece.model");
   } catch (const InputError& e) {
