@@ -132,6 +132,8 @@ TEST_CASE("wan vae: config integers out of range are InputErrors", "[vae]") {
     CHECK_THROWS_AS(WanVAEConfig::from_json(nlohmann::json::parse(text)), InputError);
   }
   CHECK(WanVAEConfig::from_json(nlohmann::json::parse(R"({"dim": 96.0})")).dim == 96);
+  // "z_dim": 1e15 sized the neutral latent statistics (4 PB) before validate() saw it.
+  CHECK_THROWS_WITH(WanVAEConfig::from_json(nlohmann::json::parse(R"({"z_dim": 1e15})")), Catch::Contains("z_dim must be at most"));
 }
 
 TEST_CASE("wan vae: parameter names are the original checkpoint keys", "[vae]") {

@@ -451,11 +451,19 @@ using namespace wan_vae_detail;
 // ---------------------------------------------------------------------------------------------
 // Config
 
+namespace {
+// Far above any published VAE (Wan2.1: 16, Wan2.2: 48); a config past it is refused before the
+// latent statistics are sized from it (fuzz_json_configs: "z_dim": 1e15 asked for petabytes).
+constexpr std::int64_t kMaxZDim = 4096;
+}  // namespace
+
 void WanVAEConfig::validate() const {
   auto fail = [](const std::string& what) { throw InputError("wan vae config: " + what); };
   if (dim <= 0) fail("dim must be positive");
   if (z_dim <= 0) fail("z_dim must be positive");
+  if (z_dim > kMaxZDim) fail("z_dim must be at most " + std::to_string(kMaxZDim) + ", got " + std::to_string(z_dim));
   if (dim_mult.size() < 2) fail("dim_mult needs at least 2 entries");
+  if (dim_mult.size() > 16) fail("dim_mult has at most 16 entries (a spatial stride of 2^15)");
   for (auto m : dim_mult)
     if (m <= 0) fail("dim_mult entries must be positive");
   if (num_res_blocks < 1) fail("num_res_blocks must be >= 1");
@@ -482,6 +490,7 @@ namespace {
 // Wan publishes latent statistics for its 16-channel latent only: a latent of another width whose
 // config does not give its own gets neutral ones (mean 0, std 1).
 void neutral_statistics_where_missing(WanVAEConfig& c, bool mean_given, bool std_given) {
+  if (c.z_dim > kMaxZDim) return;  // validate() refuses it
   const auto z = static_cast<std::size_t>(std::max<std::int64_t>(c.z_dim, 0));
   if (!mean_given && c.latent_mean.size() != z) c.latent_mean.assign(z, 0.f);
   if (!std_given && c.latent_std.size() != z) c.latent_std.assign(z, 1.f);
