@@ -9,6 +9,7 @@ PACKAGES=(
   libavformat-dev libavcodec-dev libswscale-dev libavutil-dev ffmpeg
   libstb-dev libcli11-dev catch2 nlohmann-json3-dev
   libsentencepiece-dev sentencepiece
+  clang libclang-rt-14-dev
 )
 
 missing=()
