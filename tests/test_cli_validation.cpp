@@ -406,7 +406,9 @@ TEST_CASE("--help documents every option of the shared groups and the limits", "
   for (const char* option : {"--model", "--dit", "--dit-config", "--text-encoder", "--tokenizer", "--vae", "--size", "--frames",
                              "--steps", "--sampler", "--eta", "--shift", "--sigmas", "--seed", "--noise", "--guidance",
                              "--autoguidance", "--guide-dit", "--no-batch-cfg", "--output", "--format", "--fps", "--crf",
-                             "--sheet", "--overwrite", "--save-latents", "--init", "--strength", "--force", "--vae-tile"}) {
+                             "--sheet", "--overwrite", "--save-latents", "--init", "--strength", "--force", "--vae-tile",
+                             "--prompt", "--prompts", "--context-frames", "--context-overlap", "--context-schedule",
+                             "--context-fuse", "--noise-reschedule", "--anchor"}) {
     INFO(option);
     CHECK(generate.out.find(std::string(option) + " ") != std::string::npos);
   }
@@ -423,7 +425,7 @@ TEST_CASE("--help documents every option of the shared groups and the limits", "
   const Result eval = run_vdit({"eval", "shapes", "--help"});
   REQUIRE(eval.code == 0);
   for (const char* option : {"--model", "--size", "--frames", "--steps", "--sampler", "--shift", "--seed", "--guidance",
-                             "--no-batch-cfg", "--strength", "--force"})
+                             "--no-batch-cfg", "--strength", "--force", "--long", "--context-frames", "--context-schedule"})
     CHECK(eval.out.find(std::string(option) + " ") != std::string::npos);
   const Result main_help = run_vdit({"--help"});
   CHECK(main_help.out.find("--threads") != std::string::npos);

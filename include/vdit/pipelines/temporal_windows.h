@@ -79,7 +79,7 @@ std::vector<TemporalWindow> plan_windows(std::int64_t frames, const TemporalWind
 //  - linear: 1, with a ramp r(i) = (i + 1) / (O + 1), i = 0..O-1, on the first O frames unless
 //    the window starts at frame 0, and 1 - r(i) on the last O frames unless it ends at `frames`
 //    (the smaller one where the two overlap). Ramps of consecutive static windows overlapping by
-//    exactly O sum to exactly 1, and no weight is 0 (ComfyUI's linspace(0, 1, O) gives its
+//    exactly O <= L / 2 sum to exactly 1, and no weight is 0 (ComfyUI's linspace(0, 1, O) gives its
 //    first and last overlap frames weight 0 and 1; this spreads the ramp over all O frames).
 //  - pyramid: triangular, peak 1 ([1..L/2, L/2..1] / (L/2) for L even, [1..(L+1)/2..1] /
 //    ((L+1)/2) for L odd); a window touching the video start (end) keeps weight 1 on its first
