@@ -84,6 +84,7 @@ void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
                      std::to_string(below) + (s.frames > 1 ? " or " + std::to_string(below + ts) : std::string()));
   }
   if (s.steps < 1 && s.sigmas.empty()) throw InputError("--steps must be at least 1");
+  if (s.windows) s.windows->validate();
   if (s.shift && !(std::isfinite(*s.shift) && *s.shift > 0)) throw InputError("--shift must be a positive number");
   if (!std::isfinite(s.guidance)) throw InputError("--guidance must be a finite number");
   if (!std::isfinite(s.autoguidance)) throw InputError("--autoguidance must be a finite number");
@@ -292,7 +293,8 @@ Guidance WanT2VPipeline::guidance_for(const T2VSettings& settings) const {
 }
 
 at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
-                                   const T2VSettings& settings, const StepCallback& on_step, const at::Tensor& clean) {
+                                   const T2VSettings& settings, const StepCallback& on_step, const at::Tensor& clean,
+                                   const std::vector<at::Tensor>& segment_contexts) {
   c10::InferenceMode guard;
   load_dit();
   const auto t0 = std::chrono::steady_clock::now();
@@ -322,10 +324,27 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
     denoiser.set_condition(RowRole::Guide, embed(*guide_dit_, context));
   }
 
+  // Long video: the guided DiT on temporal windows, each window with its segment's prompt (one
+  // DiTDenoiser per segment: the same DiT, guidance and other conditions, its own Cond).
+  Denoiser* active = &denoiser;
+  std::vector<std::unique_ptr<DiTDenoiser>> segments;
+  std::unique_ptr<TemporalWindowDenoiser> windowed;
+  if (settings.windows) {
+    std::vector<Denoiser*> inner{&denoiser};
+    for (std::size_t i = 1; i < segment_contexts.size(); ++i) {
+      segments.push_back(std::make_unique<DiTDenoiser>(denoiser));
+      segments.back()->set_condition(RowRole::Cond, embed(*dit_, segment_contexts[i]));
+      if (settings.autoguidance != 1.0) segments.back()->set_condition(RowRole::Guide, embed(*guide_dit_, segment_contexts[i]));
+      inner.push_back(segments.back().get());
+    }
+    windowed = std::make_unique<TemporalWindowDenoiser>(inner, *settings.windows);
+    active = windowed.get();
+  }
+
   const at::Tensor start = flow_start(stepper, noise.to(options_.device, at::kFloat).unsqueeze(0),
                                       clean.defined() ? clean.to(options_.device, at::kFloat).unsqueeze(0) : at::Tensor());
   ProgressHook progress(on_step);
-  const at::Tensor x = run_flow(start, stepper, denoiser, {&progress});
+  const at::Tensor x = run_flow(start, stepper, *active, {&progress});
   times_.denoise += seconds_since(t0);
   return x.squeeze(0).to(at::kCPU);
 }
@@ -361,16 +380,31 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
   }
   times_ = StageTimes{};
   const std::string negative = settings.negative_prompt.value_or(kWanDefaultNegativePrompt);
-  std::vector<std::string> prompts{settings.prompt};
+  const bool segmented = settings.windows && settings.segment_prompts.size() > 1;
+  std::vector<std::string> prompts = segmented ? settings.segment_prompts : std::vector<std::string>{settings.prompt};
+  const auto n_prompts = prompts.size();
   const bool guided = settings.guidance != 1.0;
   if (guided) prompts.push_back(negative);
   auto contexts = encode_prompts(prompts);
+  std::vector<at::Tensor> segment_contexts;
+  if (segmented) segment_contexts.assign(contexts.begin(), contexts.begin() + static_cast<std::ptrdiff_t>(n_prompts));
 
   at::Tensor noise = settings.noise.defined() ? settings.noise.to(at::kFloat) : seeded_noise(t2v_latent_shape(settings, geometry), settings.seed);
+  if (settings.windows && settings.noise_reschedule == NoiseReschedule::Shuffle && !settings.noise.defined())
+    noise = reschedule_noise(noise, settings.windows->context, settings.windows->overlap, sampler_noise_seed(settings.seed) + 1);
+  if (settings.windows) {
+    const std::int64_t latent_frames = noise.size(1);
+    const auto windows = plan_windows(latent_frames, *settings.windows, 0);
+    log_info("long video: " + std::to_string(latent_frames) + " latent frames denoised in " + std::to_string(windows.size()) +
+             " windows of " + std::to_string(settings.windows->context) + " (overlap " + std::to_string(settings.windows->overlap) +
+             ", " + name_of(settings.windows->schedule) + ", " + name_of(settings.windows->fuse) + " fusion, anchor " +
+             name_of(settings.windows->anchor) + ", noise " + name_of(settings.noise_reschedule) + ") per step" +
+             (segmented ? ", " + std::to_string(n_prompts) + " prompt segments" : std::string()));
+  }
   at::Tensor clean;
   if (settings.strength < 1.0) clean = encode(settings.init_video);
   T2VResult result;
-  result.latents = denoise(noise, contexts[0], guided ? contexts[1] : contexts[0], settings, on_step, clean);
+  result.latents = denoise(noise, contexts[0], guided ? contexts[n_prompts] : contexts[0], settings, on_step, clean, segment_contexts);
   release_dit();
   result.video = decode(result.latents);
   result.times = times_;
@@ -391,6 +425,17 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       {"model", files_.root.empty() ? files_.dit.front() : files_.root},
       {"software", "vdit"},
   };
+  if (settings.windows) {
+    const TemporalWindowOptions& w = *settings.windows;
+    result.metadata["context_windows"] = "latent frames " + std::to_string(w.context) + ", overlap " + std::to_string(w.overlap) +
+                                         ", schedule " + name_of(w.schedule) + ", fuse " + name_of(w.fuse) + ", anchor " +
+                                         name_of(w.anchor) + ", noise reschedule " + name_of(settings.noise_reschedule);
+    if (segmented) {
+      std::string joined;
+      for (const auto& p : settings.segment_prompts) joined += (joined.empty() ? "" : " | ") + p;
+      result.metadata["prompts"] = joined;
+    }
+  }
   return result;
 }
 

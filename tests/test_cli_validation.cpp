@@ -177,6 +177,8 @@ TEST_CASE("issue 39: every bad invocation exits with one line and leaves every f
   std::ofstream(root / "unknown_key.json") << R"({"generate": {"stepz": 3}})";
   std::ofstream(root / "unknown_global.json") << R"({"threadz": 2})";
   const fs::path typo_model = demo_model_with_defaults(root, "typo-model", R"({"frames": "nine"})");
+  std::ofstream(root / "empty_prompts.txt") << "\n  \n";
+  std::ofstream(root / "prompts.txt") << "a red circle moving right\n";
 
   const std::string gen = "generate -p circle ";
   const std::string out = " -o " + R + "/out.mp4";
@@ -255,6 +257,21 @@ TEST_CASE("issue 39: every bad invocation exits with one line and leaves every f
       {"  strength without init", gen + "--strength 0.5" + out, 2, "--strength below 1 needs --init"},
       {"  strength 0", gen + "--strength 0 --init " + R + "/existing.mp4" + out, 2, "--strength must be in (0, 1]"},
       {"  missing init", gen + "--init " + R + "/none.png" + out, 2, "no such file"},
+      // Long video (issue 43): windows, prompts along the video.
+      {"43 overlap >= context", gen + "--frames 33 --context-frames 9 --context-overlap 12" + out, 2,
+       "--context-overlap 12 must be below --context-frames 9"},
+      {"43 overlap not whole latent frames", gen + "--frames 33 --context-overlap 6" + out, 2,
+       "--context-overlap 6 is not a multiple of 4"},
+      {"43 context not 4n+1", gen + "--frames 33 --context-frames 10" + out, 2, "--context-frames 10 is not 4n+1"},
+      {"43 long frames not 4n+1", gen + "--frames 34" + out, 2, "--frames 34 is not 4n+1"},
+      {"43 empty prompts file", "generate --prompts " + R + "/empty_prompts.txt --frames 33" + out, 2, "no prompt in the file"},
+      {"43 missing prompts file", "generate --prompts " + R + "/none.txt" + out, 2, "none.txt"},
+      {"43 -p and --prompts", gen + "--prompts " + R + "/prompts.txt" + out, 2, "not both"},
+      {"43 no prompt", "generate" + out, 2, "no prompt"},
+      {"43 schedule", gen + "--frames 33 --context-schedule wobbly" + out, 2, "--context-schedule 'wobbly': give static | shifted"},
+      {"43 fuse", gen + "--frames 33 --context-fuse max" + out, 2, "--context-fuse 'max': give flat | linear | pyramid"},
+      {"43 noise reschedule", gen + "--noise-reschedule repeat" + out, 2, "--noise-reschedule 'repeat'"},
+      {"43 anchor", gen + "--anchor last" + out, 2, "--anchor 'last': give none | first"},
   };
   if (have_device_node) {
     rows.push_back({"1 device node output", gen + "-o " + R + "/null.mp4 --overwrite", 2, "is a character device, not a regular file"});
@@ -381,7 +398,9 @@ TEST_CASE("--help documents every option of the shared groups and the limits", "
   for (const char* option : {"--model", "--dit", "--dit-config", "--text-encoder", "--tokenizer", "--vae", "--size", "--frames",
                              "--steps", "--sampler", "--eta", "--shift", "--sigmas", "--seed", "--noise", "--guidance",
                              "--autoguidance", "--guide-dit", "--no-batch-cfg", "--output", "--format", "--fps", "--crf",
-                             "--sheet", "--overwrite", "--save-latents", "--init", "--strength", "--force", "--vae-tile"}) {
+                             "--sheet", "--overwrite", "--save-latents", "--init", "--strength", "--force", "--vae-tile",
+                             "--prompt", "--prompts", "--context-frames", "--context-overlap", "--context-schedule",
+                             "--context-fuse", "--noise-reschedule", "--anchor"}) {
     INFO(option);
     CHECK(generate.out.find(std::string(option) + " ") != std::string::npos);
   }
@@ -398,7 +417,7 @@ TEST_CASE("--help documents every option of the shared groups and the limits", "
   const Result eval = run_vdit({"eval", "shapes", "--help"});
   REQUIRE(eval.code == 0);
   for (const char* option : {"--model", "--size", "--frames", "--steps", "--sampler", "--shift", "--seed", "--guidance",
-                             "--no-batch-cfg", "--strength", "--force"})
+                             "--no-batch-cfg", "--strength", "--force", "--long", "--context-frames", "--context-schedule"})
     CHECK(eval.out.find(std::string(option) + " ") != std::string::npos);
   const Result main_help = run_vdit({"--help"});
   CHECK(main_help.out.find("--threads") != std::string::npos);

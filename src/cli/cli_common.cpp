@@ -75,7 +75,7 @@ std::optional<ModelDefaults> read_model_defaults(const std::string& dir) {
   if (j.is_discarded()) throw InputError(path.string() + ": not valid JSON");
   if (!j.is_object()) throw InputError(path.string() + ": not a JSON object");
   static const std::vector<std::string> known{"size", "frames", "steps", "sampler", "eta", "shift", "guidance", "fps",
-                                              "negative_prompt", "autoguidance", "guide_dit"};
+                                              "negative_prompt", "autoguidance", "guide_dit", "trained_frames"};
   for (const auto& [key, value] : j.items()) {
     // A value of the wrong type names its key and what it should be.
     const auto need = [&, &key = key, &value = value](bool ok, const char* what) {
@@ -91,6 +91,9 @@ std::optional<ModelDefaults> read_model_defaults(const std::string& dir) {
       d.size = value.get<std::string>();
     } else if (key == "frames") {
       d.frames = integer("an integer");
+    } else if (key == "trained_frames") {
+      d.trained_frames = integer("an integer");
+      need(*d.trained_frames >= 1, "a positive frame count");
     } else if (key == "steps") {
       const std::int64_t steps = integer("an integer");
       need(steps >= 0 && steps <= std::numeric_limits<int>::max(), "a step count");

@@ -23,12 +23,15 @@ std::string builtin_model_dir();
 
 // DIR/vdit-demo.json: the generation defaults a model ships (the built-in demo model is trained
 // for 64x64, 9 frames, 8 fps and an empty negative prompt). Keys: size, frames, steps, sampler, eta,
-// shift, guidance, fps, negative_prompt, autoguidance, guide_dit; keys starting with '_' are
+// shift, guidance, fps, negative_prompt, autoguidance, guide_dit, trained_frames; keys starting with '_' are
 // comments; other keys warn, naming the nearest known key. A value of the wrong type is an
 // InputError naming the file and the key.
 struct ModelDefaults {
   std::optional<std::string> size, sampler, negative_prompt;
   std::optional<std::int64_t> frames;
+  // The clip length the model was trained on (pixel frames): longer runs denoise in windows of it.
+  // Unset: `frames` (a demo model's defaults are its training length), else Wan2.1's 81.
+  std::optional<std::int64_t> trained_frames;
   std::optional<int> steps;
   std::optional<double> eta, shift, guidance, fps, autoguidance;
   std::optional<std::string> guide_dit;  // made absolute: relative paths are relative to the model directory

@@ -6,6 +6,7 @@
 // DiT on that VAE can reach.
 #include "cli_common.h"
 #include "commands.h"
+#include "long_video_options.h"
 #include "option_groups.h"
 
 #include "vdit/common.h"
@@ -65,7 +66,49 @@ struct EvalOptions {
   double latent_noise = 0;   // round trip: Gaussian noise of this std added to the normalised latent
   double latent_blur = 0;    // round trip: spatial Gaussian blur of this std (latent cells) on the latent
   bool overwrite = false;
+  int long_factor = 1;       // long-video mode: clips of this many times the trained length (1: off)
+  LongVideoOptions long_video;  // the context windows of the long-video mode
 };
+
+// Long-video mode (issue 43): a clip of several trained lengths judged segment by segment.
+struct LongVerdict {
+  bool one_object = true;     // every frame holds exactly one object
+  bool same = true;           // colour (steady) and shape as captioned in every segment
+  bool motion = true;         // motion as captioned in every segment where an object is found
+  bool no_jump = true;        // no frame-to-frame centroid step above 3x the clip's median step
+  double max_step = 0, median_step = 0;  // frame sides
+};
+
+// Segments of `segment` frames from the start, the last one moved back to end at the clip's end.
+LongVerdict judge_long(const at::Tensor& video, const Caption& truth, std::int64_t segment) {
+  LongVerdict v;
+  const std::int64_t F = video.size(1);
+  for (std::int64_t f = 0; f < F; ++f) {
+    const Judgement j = judge_clip(video.narrow(1, f, 1));
+    if (!j.ok || j.objects != 1) v.one_object = false;
+  }
+  for (std::int64_t start = 0;; start += segment) {
+    const std::int64_t s = std::min(start, std::max<std::int64_t>(F - segment, 0));
+    const Judgement j = judge_clip(video.narrow(1, s, std::min(segment, F)));
+    if (!j.ok || j.colour != truth.colour || !j.colour_steady || j.shape != truth.shape) v.same = false;
+    if (j.ok && j.motion != truth.motion) v.motion = false;
+    if (s + segment >= F) break;
+  }
+  std::vector<double> steps;
+  for (std::int64_t f = 0; f + 1 < F; ++f) {
+    const Judgement j = judge_clip(video.narrow(1, f, 2));
+    if (j.ok) steps.push_back(std::hypot(j.displacement_x, j.displacement_y));
+  }
+  if (!steps.empty()) {
+    std::vector<double> sorted = steps;
+    std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(sorted.size() / 2), sorted.end());
+    v.median_step = sorted[sorted.size() / 2];
+    v.max_step = *std::max_element(steps.begin(), steps.end());
+    // A still object has median 0: a step of a pixel's worth is not a jump.
+    v.no_jump = v.max_step <= 3.0 * std::max(v.median_step, 1.0 / static_cast<double>(video.size(3)));
+  }
+  return v;
+}
 
 std::string default_model_dir() {
   const std::string installed = builtin_model_dir();
@@ -132,6 +175,9 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     throw InputError("--strength judges generated clips; it excludes --round-trip and --render-only");
   if (!(o.strength > 0.0 && o.strength <= 1.0))
     throw InputError("--strength must be in (0, 1] (got " + number_text(o.strength) + ")");
+  if (o.long_factor < 1 || o.long_factor > 64) throw InputError("--long must be from 1 to 64 (got " + std::to_string(o.long_factor) + ")");
+  if (o.long_factor > 1 && (o.round_trip || o.render_only || o.strength != 1.0))
+    throw InputError("--long judges generated clips; it excludes --round-trip, --render-only and --strength");
   {
     const auto [w, h] = parse_checked_size(o.sampling.size);
     if (w < 32 || h < 32) throw InputError("--size " + o.sampling.size + ": the shapes domain needs at least 32x32");
@@ -165,6 +211,20 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     needs.strength = o.strength;
     run = check_run(cmd, global, o.model, o.sampling, o.guidance, nullptr, nullptr, needs, model_dir);
     settings = run->settings;
+  }
+  // Long-video mode: clips of long_factor trained lengths (in latent frames), windows of the
+  // trained length unless --context-frames says otherwise; segments of the trained length judged.
+  std::int64_t segment_frames = settings.frames;
+  std::string windows_line;
+  if (o.long_factor > 1) {
+    const std::int64_t trained = trained_frames(model_dir);
+    const std::int64_t ts = run->pipeline->latent_geometry().temporal_stride;
+    if ((trained - 1) % ts != 0) throw InputError("the model's trained length " + std::to_string(trained) + " is not " + std::to_string(ts) + "n+1");
+    const std::int64_t latent = o.long_factor * ((trained - 1) / ts + 1);
+    settings.frames = ts * (latent - 1) + 1;
+    segment_frames = trained;
+    windows_line = apply_long_video(o.long_video, {"(caption)"}, trained, ts, settings);
+    run->pipeline->validate(settings);
   }
   // --save-dir: its files are checked now, the directory created only before the first clip.
   if (!o.save_dir.empty()) {
@@ -213,6 +273,8 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
              sampler + ", guidance " + std::to_string(settings.guidance).substr(0, 4) +
              (o.strength < 1.0 ? ", strength " + number_text(o.strength) + " from rendered clips" : std::string()) +
              ", model " + model_dir);
+    if (o.long_factor > 1)
+      log_info(windows_line.empty() ? "long video: one window of every frame (windows off)" : windows_line);
   } else {
     log_info("vdit eval shapes: " + std::to_string(o.clips) + " rendered clips, " + std::to_string(width) + "x" +
              std::to_string(height) + ", " + std::to_string(settings.frames) + " frames");
@@ -227,6 +289,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   }
 
   JudgeSummary summary;
+  int long_one_object = 0, long_same = 0, long_motion = 0, long_no_jump = 0, long_all = 0;
   nlohmann::json per_clip = nlohmann::json::array();  // --per-clip records, in clip order
   const auto t0 = std::chrono::steady_clock::now();
   const int digits = static_cast<int>(std::to_string(o.clips).size());
@@ -253,7 +316,9 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     } else {
       // DiT and VAE stay loaded together for the whole run: the demo model is small, and a
       // verdict per clip as it is made beats holding every latent until the DiT is released.
-      const at::Tensor noise = seeded_noise(t2v_latent_shape(settings, pipeline->latent_geometry()), clip_seed);
+      at::Tensor noise = seeded_noise(t2v_latent_shape(settings, pipeline->latent_geometry()), clip_seed);
+      if (settings.windows && settings.noise_reschedule == NoiseReschedule::Shuffle)
+        noise = reschedule_noise(noise, settings.windows->context, settings.windows->overlap, sampler_noise_seed(clip_seed) + 1);
       at::Tensor clean;
       if (settings.strength < 1.0) {
         // SDEdit from the rendered ground truth: where along the schedule the DiT loses (or keeps)
@@ -267,6 +332,18 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     }
     const Judgement j = judge_clip(video);
     summary.add(truth, j);
+    std::string long_text;
+    if (o.long_factor > 1) {
+      const LongVerdict lv = judge_long(video, truth, segment_frames);
+      long_one_object += lv.one_object;
+      long_same += lv.same;
+      long_motion += lv.motion;
+      long_no_jump += lv.no_jump;
+      long_all += lv.one_object && lv.same && lv.motion && lv.no_jump;
+      long_text = std::string("  long:") + (lv.one_object ? "" : " objects") + (lv.same ? "" : " segment-differs") +
+                  (lv.motion ? "" : " motion") + (lv.no_jump ? "" : " jump") +
+                  (lv.one_object && lv.same && lv.motion && lv.no_jump ? " ok" : "");
+    }
     if (o.per_clip) {
       nlohmann::json clip = {{"caption", truth.text()},
                              {"judged", judged_text(j)},
@@ -282,7 +359,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
     std::ostringstream line;
     line << "[" << std::setw(digits) << (i + 1) << "/" << o.clips << "] ";
     if (clips_use_seed) line << "seed " << clip_seed << "  ";
-    line << truth.text() << "  ->  " << judged_text(j) << "  " << verdict(truth, j);
+    line << truth.text() << "  ->  " << judged_text(j) << "  " << verdict(truth, j) << long_text;
     log_info(line.str());
 
     if (!o.save_dir.empty()) {
@@ -313,7 +390,14 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  const std::string report = summary.report() + "time: " + format_duration(seconds) + "\n";
+  std::string report = summary.report();
+  const auto share = [&](int n) { return number_text(std::round(1000.0 * n / std::max(o.clips, 1)) / 10.0) + "%"; };
+  if (o.long_factor > 1)
+    report += "long video (" + std::to_string(o.long_factor) + "x, " + std::to_string(settings.frames) + " frames, segments of " +
+              std::to_string(segment_frames) + "): one object every frame " + share(long_one_object) +
+              ", colour and shape every segment " + share(long_same) + ", motion every segment " + share(long_motion) +
+              ", no jump > 3x median step " + share(long_no_jump) + ", all " + share(long_all) + "\n";
+  report += "time: " + format_duration(seconds) + "\n";
   if (o.json) {
     // stdout carries only the JSON line, so the command can feed a script.
     log_info(report);
@@ -337,6 +421,23 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
       j["confusion"][JudgeSummary::attribute_name(attribute)] = {
           {"labels", JudgeSummary::category_names(attribute)}, {"rows", summary.confusion[attribute]}};
     if (o.per_clip) j["per_clip"] = std::move(per_clip);
+    if (o.long_factor > 1) {
+      const double n = std::max(o.clips, 1);
+      j["long"] = {{"factor", o.long_factor},
+                   {"segment_frames", segment_frames},
+                   {"windows", settings.windows ? nlohmann::json({{"context", settings.windows->context},
+                                                                  {"overlap", settings.windows->overlap},
+                                                                  {"schedule", name_of(settings.windows->schedule)},
+                                                                  {"fuse", name_of(settings.windows->fuse)},
+                                                                  {"anchor", name_of(settings.windows->anchor)},
+                                                                  {"noise", name_of(settings.noise_reschedule)}})
+                                                : nlohmann::json(nullptr)},
+                   {"one_object", long_one_object / n},
+                   {"same", long_same / n},
+                   {"motion", long_motion / n},
+                   {"no_jump", long_no_jump / n},
+                   {"all", long_all / n}};
+    }
     if (o.round_trip) {
       j["model"] = model_dir;
       j["latent_noise"] = o.latent_noise;
@@ -380,6 +481,12 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--latent-blur", o->latent_blur,
                   "With --round-trip: blur the latent spatially with a Gaussian of this std in latent cells before "
                   "decoding (how much of each attribute survives a DiT's positional uncertainty)");
+  cmd->add_option("--long", o->long_factor,
+                  "Long-video mode: generate each clip at this many times the model's trained length (windows of it, "
+                  "see --context-*; --context-frames above the length turns windows off) and judge every trained-length "
+                  "segment: one object per frame, colour and shape in every segment, no jump above 3x the median step")
+      ->capture_default_str();
+  add_long_video_options(*cmd, o->long_video, /*prompts=*/false);
   cmd->add_option("--save-dir", o->save_dir, "Write each clip's contact sheet here (clip_0001.png, ...)");
   cmd->add_flag("--overwrite", o->overwrite, "Replace existing contact sheets in --save-dir");
   CLI::Option* json_flag = cmd->add_flag("--json", o->json, "Print one JSON line with the accuracies and confusion tables on stdout (the report goes to stderr)");

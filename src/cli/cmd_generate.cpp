@@ -1,6 +1,7 @@
 // `vdit generate`: text-to-video (MP4/WebM/GIF/WebP/PNG frames) and text-to-image (PNG).
 #include "cli_common.h"
 #include "commands.h"
+#include "long_video_options.h"
 #include "option_groups.h"
 
 #include "vdit/common.h"
@@ -15,7 +16,7 @@ namespace vdit::cli {
 namespace {
 
 struct GenerateOptions {
-  std::string prompt;
+  LongVideoOptions long_video;  // -p (repeatable), --prompts, the context windows
   ModelOptions model;
   SamplingOptions sampling = sampling_defaults(T2VSettings{});
   GuidanceOptions guidance = guidance_defaults(T2VSettings{});
@@ -34,7 +35,7 @@ std::string number_text(double value) {
 void register_generate_command(CLI::App& app, GlobalOptions& global) {
   auto o = std::make_shared<GenerateOptions>();
   CLI::App* cmd = app.add_subcommand("generate", "Text-to-video, or text-to-image with --frames 1; image/video-to-video with --init");
-  cmd->add_option("-p,--prompt", o->prompt, "Text prompt")->required();
+  add_long_video_options(*cmd, o->long_video);
   add_model_options(*cmd, o->model);
   add_sampling_options(*cmd, o->sampling);
   add_guidance_options(*cmd, o->guidance, "Wan2.1's own");
@@ -44,15 +45,19 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
   cmd->footer(
       "A model directory may hold vdit-demo.json with generation defaults for that model (keys: size, frames,\n"
       "steps, sampler, eta, shift, guidance, fps, negative_prompt, autoguidance, guide_dit (relative to the model\n"
-      "directory)); options given on the command line win. Every option and path is checked, and the run's\n"
+      "directory), trained_frames (default: frames)); options given on the command line win. Every option and path is checked, and the run's\n"
       "memory estimated, before any model loads: bad input exits 2 with one line and changes no file.");
 
   cmd->callback([o, cmd, &global] {
     // The validation layer: every option value, input and output path, the model's configs and
     // the memory estimate, before any model loads.
+    const std::vector<std::string> prompts = resolve_prompts(o->long_video);
     CheckedRun run = check_run(*cmd, global, o->model, o->sampling, o->guidance, &o->init, &o->output, RunNeeds{},
                                builtin_model_dir());
-    run.settings.prompt = o->prompt;
+    const std::string windows_line =
+        apply_long_video(o->long_video, prompts, trained_frames(run.model_dir),
+                         run.pipeline->latent_geometry().temporal_stride, run.settings);
+    run.pipeline->validate(run.settings);
 
     std::map<std::string, std::string> extra;
     if (run.settings.init_video.defined()) {
@@ -63,6 +68,7 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     log_info("vdit: " + std::to_string(run.settings.width) + "x" + std::to_string(run.settings.height) + ", " +
              std::to_string(run.settings.frames) + " frames, " + run.settings.sampler + ", model " +
              (run.model_dir.empty() ? run.files.dit.front() : run.model_dir));
+    if (!windows_line.empty()) log_info(windows_line);
     std::unique_ptr<ProgressBar> bar;
     T2VResult result = run.pipeline->generate(run.settings, [&](int done, int total) {
       if (!bar) bar = std::make_unique<ProgressBar>("denoise", total);

@@ -967,6 +967,23 @@ at::Tensor WanVAEImpl::decode_unclamped(const at::Tensor& latent, const VAETilin
   return out.div_(weight_sum);
 }
 
+void WanVAEImpl::decode_stream(const at::Tensor& latent, std::int64_t chunk_latent_frames,
+                               const std::function<void(const at::Tensor&)>& on_frames) {
+  if (chunk_latent_frames < 1) throw InputError("wan vae decode: chunks must hold at least one latent frame");
+  const at::Tensor x = prepare_latent(latent);  // conv2 is 1x1x1: per frame, latent-sized
+  FeatureCache cache;
+  std::vector<at::Tensor> pending;
+  const std::int64_t frames = x.size(2);
+  for (std::int64_t i = 0; i < frames; ++i) {
+    cache.rewind();
+    pending.push_back(decoder_->forward(x.narrow(2, i, 1), cache).to(at::kFloat));
+    if (static_cast<std::int64_t>(pending.size()) == chunk_latent_frames || i + 1 == frames) {
+      on_frames(at::cat(pending, 2).clamp_(-1.0, 1.0));
+      pending.clear();
+    }
+  }
+}
+
 at::Tensor WanVAEImpl::decode(const at::Tensor& latent, const VAETiling& tiling) {
   return decode_unclamped(latent, tiling).clamp_(-1.0, 1.0);
 }

@@ -15,6 +15,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -83,6 +84,13 @@ class WanVAEImpl : public torch::nn::Module {
   at::Tensor decode(const at::Tensor& latent, const VAETiling& tiling = VAETiling{});
   // The decoder output before the clamp to [-1,1].
   at::Tensor decode_unclamped(const at::Tensor& latent, const VAETiling& tiling = VAETiling{});
+  // Long video: decode() (untiled) in temporal chunks with one causal feature cache carried
+  // across them, handing each chunk's pixel frames ([B,3,n,8h,8w] in [-1,1], f32) to `on_frames`
+  // as soon as `chunk_latent_frames` latent frames are decoded, so the whole video is never held
+  // (decoder memory is one latent frame's activations plus the cache, whatever the length). The
+  // chunks concatenated equal decode(latent).
+  void decode_stream(const at::Tensor& latent, std::int64_t chunk_latent_frames,
+                     const std::function<void(const at::Tensor&)>& on_frames);
 
   at::Tensor normalize_latent(const at::Tensor& mu) const;    // (mu - mean) * (1/std), f32
   at::Tensor denormalize_latent(const at::Tensor& z) const;   // z / (1/std) + mean, f32

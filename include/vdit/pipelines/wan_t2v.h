@@ -6,6 +6,7 @@
 #include "vdit/models/wan_checkpoint.h"
 #include "vdit/models/wan_vae.h"
 #include "vdit/pipelines/guidance.h"
+#include "vdit/pipelines/temporal_windows.h"
 #include "vdit/samplers/sampler.h"
 
 #include <ATen/ATen.h>
@@ -48,6 +49,15 @@ struct T2VSettings {
   std::vector<double> sigmas;     // custom schedule; empty: the sampler's own
   at::Tensor noise;               // optional latent-shaped tensor replacing the seeded noise
   bool batch_guidance = true;     // cond and uncond in one forward of batch 2
+  // Long video (pipelines/temporal_windows.h, ALGORITHMS.md 5.4): when set, every step runs the
+  // guided DiT on overlapping windows of latent frames and fuses the velocities; nullopt: one
+  // window holding every frame.
+  std::optional<TemporalWindowOptions> windows;
+  // FreeNoise on the seeded initial noise (with windows; a --noise tensor is used as given).
+  NoiseReschedule noise_reschedule = NoiseReschedule::None;
+  // Prompts along the video, spread evenly over its latent frames (each window takes the prompt of
+  // its position: window_segment); empty: `prompt` everywhere.
+  std::vector<std::string> segment_prompts;
 };
 
 // How pixels map to the DiT's latent grid: the VAE's latent channels and strides and the DiT's
@@ -110,8 +120,11 @@ class WanT2VPipeline {
   // the DiT if needed. With settings.strength < 1, `clean` (a latent, e.g. encode()'s) is noised
   // with `noise` to the first kept sigma and the remaining steps run (SDEdit). Returns the final
   // latent.
+  // With settings.windows, `segment_contexts` (one per prompt segment, the first being `context`'s
+  // prompt) give each window its prompt; empty: `context` everywhere.
   at::Tensor denoise(const at::Tensor& noise, const at::Tensor& context, const at::Tensor& context_null,
-                     const T2VSettings& settings, const StepCallback& on_step = {}, const at::Tensor& clean = {});
+                     const T2VSettings& settings, const StepCallback& on_step = {}, const at::Tensor& clean = {},
+                     const std::vector<at::Tensor>& segment_contexts = {});
   // Video [3, F, H, W] in [-1, 1] -> the posterior mean latent [C, F', h, w] in the normalised
   // space decode() takes; loads the VAE if needed.
   at::Tensor encode(const at::Tensor& video);
