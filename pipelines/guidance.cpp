@@ -4,6 +4,7 @@
 #include "vdit/common.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace vdit {
 
@@ -23,6 +24,40 @@ at::Tensor ClassifierFreeGuidance::apply(const at::Tensor&, const PassOutputs& o
 
 at::Tensor Autoguidance::apply(const at::Tensor& guided, const PassOutputs& out, const StepInfo&) const {
   return guided + (weight_ - 1.0) * (output_of(out, RowRole::Cond) - output_of(out, RowRole::Guide));
+}
+
+bool StepRange::contains(const StepInfo& step) const {
+  if (step.count <= 0) return start <= 0.0 && end > 0.0;
+  const double at = static_cast<double>(step.index) / static_cast<double>(step.count);
+  return at >= start && at < end;
+}
+
+std::vector<RowRole> PerturbedAttentionGuidance::passes(const StepInfo& step) const {
+  if (!range_.contains(step)) return {};
+  return {RowRole::Cond, role_};
+}
+
+at::Tensor PerturbedAttentionGuidance::apply(const at::Tensor& guided, const PassOutputs& out, const StepInfo& step) const {
+  if (!range_.contains(step)) return guided;
+  return guided + scale_ * (output_of(out, RowRole::Cond) - output_of(out, role_));
+}
+
+at::Tensor CFGZeroStar::apply(const at::Tensor&, const PassOutputs& out, const StepInfo& step) const {
+  const at::Tensor& cond = output_of(out, RowRole::Cond);
+  if (step.index < zero_init_steps_) return at::zeros_like(cond);
+  const at::Tensor& uncond = output_of(out, RowRole::Uncond);
+  const std::int64_t rows = cond.size(0);
+  const at::Tensor c = cond.to(at::kFloat).reshape({rows, -1});
+  const at::Tensor u = uncond.to(at::kFloat).reshape({rows, -1});
+  std::vector<std::int64_t> shape(static_cast<std::size_t>(cond.dim()), 1);
+  shape[0] = rows;
+  const at::Tensor st = ((c * u).sum(1) / ((u * u).sum(1) + 1e-8)).reshape(shape);
+  const at::Tensor scaled = uncond.to(at::kFloat) * st;
+  return (scaled + scale_ * (cond.to(at::kFloat) - scaled)).to(cond.scalar_type());
+}
+
+int CFGZeroStar::default_zero_init_steps(int steps) {
+  return steps <= 0 ? 0 : static_cast<int>(std::ceil(0.04 * steps - 1e-9));
 }
 
 Guidance& Guidance::add(std::shared_ptr<const GuidanceTerm> term) {

@@ -5,6 +5,7 @@
 #include "vdit/models/umt5.h"
 #include "vdit/models/wan_dit.h"
 #include "vdit/pipelines/flow_loop.h"
+#include "vdit/pipelines/perturbed_guidance.h"
 #include "vdit/samplers/stepper.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -13,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 namespace vdit {
@@ -88,6 +90,7 @@ void validate_t2v_settings(const T2VSettings& s, const LatentGeometry& g) {
   if (s.shift && !(std::isfinite(*s.shift) && *s.shift > 0)) throw InputError("--shift must be a positive number");
   if (!std::isfinite(s.guidance)) throw InputError("--guidance must be a finite number");
   if (!std::isfinite(s.autoguidance)) throw InputError("--autoguidance must be a finite number");
+  check_guidance_terms(s);
   check_sampler_name(s.sampler);
   if (!(s.eta >= 0.0 && s.eta <= 1.0)) throw InputError("--eta must be in [0, 1] (got " + std::to_string(s.eta) + ")");
   if (!(s.strength > 0.0 && s.strength <= 1.0))
@@ -127,6 +130,14 @@ const LatentGeometry& WanT2VPipeline::latent_geometry() {
   return *geometry_;
 }
 
+const WanDiTConfig& WanT2VPipeline::dit_config() {
+  if (!dit_config_) {
+    dit_config_ = dit_config_for(files_, files_.dit_config.empty() ? open_weights(files_.dit)
+                                                                   : std::vector<std::shared_ptr<WeightFile>>{});
+  }
+  return *dit_config_;
+}
+
 at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t seed) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   return at::randn(shape, gen, at::TensorOptions().dtype(at::kFloat));
@@ -146,6 +157,28 @@ std::string number_text(double value) {
   std::ostringstream out;
   out << value;
   return out.str();
+}
+}  // namespace
+
+namespace {
+// The guidance terms beyond CFG, for the metadata: CFG-Zero*, PAG's head set, SLG's blocks.
+std::string guidance_text(const T2VSettings& s) {
+  std::string out;
+  const auto add = [&](const std::string& part) { out += (out.empty() ? "" : "; ") + part; };
+  if (s.cfg_zero_star && s.guidance != 1.0) add("cfg-zero* (zero-init " + (s.cfg_zero_init_steps < 0 ? std::string("4%") : std::to_string(s.cfg_zero_init_steps)) + ")");
+  if (pag_enabled(s)) {
+    std::string layers;
+    for (int l : s.pag_layers) layers += (layers.empty() ? "" : ",") + std::to_string(l);
+    add("pag scale " + number_text(s.pag_scale) + " soft_pag " + number_text(s.soft_pag) + " steps " + number_text(s.pag_start) +
+        ":" + number_text(s.pag_end) + (s.pag_heads.empty() ? "" : " heads " + head_set_text(s.pag_heads)) +
+        (layers.empty() ? "" : " layers " + layers));
+  }
+  if (slg_enabled(s)) {
+    std::string layers;
+    for (int l : s.slg_layers) layers += (layers.empty() ? "" : ",") + std::to_string(l);
+    add("slg scale " + number_text(s.slg_scale) + " layers " + layers + " steps " + number_text(s.slg_start) + ":" + number_text(s.slg_end));
+  }
+  return out.empty() ? "none" : out;
 }
 }  // namespace
 
@@ -277,6 +310,9 @@ void WanT2VPipeline::load_vae() {
 void WanT2VPipeline::validate(const T2VSettings& settings) {
   validate_t2v_settings(settings, latent_geometry());
   if (settings.autoguidance != 1.0 && options_.guide_dit.empty()) throw InputError(kNeedsGuideDit);
+  check_guidance_terms(settings, dit_config());
+  if (settings.cfg_zero_star && make_sampler_for(settings)->config().prediction != ModelPrediction::Velocity)
+    throw InputError("--cfg-zero-star is defined on velocities; this model predicts the clean sample");
 }
 
 void WanT2VPipeline::release_dit() {
@@ -287,8 +323,18 @@ void WanT2VPipeline::release_vae() { vae_.reset(); }
 
 Guidance WanT2VPipeline::guidance_for(const T2VSettings& settings) const {
   Guidance guidance;
-  if (settings.guidance != 1.0) guidance.add(std::make_shared<ClassifierFreeGuidance>(settings.guidance));
+  if (settings.guidance != 1.0 && settings.cfg_zero_star) {
+    const int zero = settings.cfg_zero_init_steps >= 0 ? settings.cfg_zero_init_steps
+                                                       : CFGZeroStar::default_zero_init_steps(make_sampler_for(settings)->num_steps());
+    guidance.add(std::make_shared<CFGZeroStar>(settings.guidance, zero));
+  } else if (settings.guidance != 1.0) {
+    guidance.add(std::make_shared<ClassifierFreeGuidance>(settings.guidance));
+  }
   if (settings.autoguidance != 1.0) guidance.add(std::make_shared<Autoguidance>(settings.autoguidance));
+  if (pag_enabled(settings))
+    guidance.add(std::make_shared<PerturbedAttentionGuidance>(settings.pag_scale, StepRange{settings.pag_start, settings.pag_end}));
+  if (slg_enabled(settings))
+    guidance.add(std::make_shared<SkipLayerGuidance>(settings.slg_scale, StepRange{settings.slg_start, settings.slg_end}));
   return guidance;
 }
 
@@ -315,8 +361,19 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   DiTDenoiser::Options denoiser_options;
   denoiser_options.batch_passes = settings.batch_guidance;
   denoiser_options.prediction = stepper.sampler().config().prediction;
+  // PAG: the perturbed rows' heads interpolated towards the identity; SLG: its rows skip blocks.
+  AttentionProcessors perturbation;
+  if (pag_enabled(settings)) {
+    add_head_perturbation(perturbation, pag_head_set(settings, dit_->config.num_heads), settings.soft_pag);
+    denoiser_options.processors = &perturbation;
+  }
+  if (slg_enabled(settings))
+    denoiser_options.call.skip_blocks[RowRole::SkipLayer] = std::set<int>(settings.slg_layers.begin(), settings.slg_layers.end());
   DiTDenoiser denoiser(*dit_, guidance_for(settings), denoiser_options);
-  denoiser.set_condition(RowRole::Cond, embed(*dit_, context));
+  const WanTextCondition cond = embed(*dit_, context);
+  denoiser.set_condition(RowRole::Cond, cond);
+  if (pag_enabled(settings)) denoiser.set_condition(RowRole::Perturbed, cond);
+  if (slg_enabled(settings)) denoiser.set_condition(RowRole::SkipLayer, cond);
   if (settings.guidance != 1.0) denoiser.set_condition(RowRole::Uncond, embed(*dit_, context_null));
   if (settings.autoguidance != 1.0) {
     load_guide_dit();
@@ -333,7 +390,11 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
     std::vector<Denoiser*> inner{&denoiser};
     for (std::size_t i = 1; i < segment_contexts.size(); ++i) {
       segments.push_back(std::make_unique<DiTDenoiser>(denoiser));
-      segments.back()->set_condition(RowRole::Cond, embed(*dit_, segment_contexts[i]));
+      const WanTextCondition segment_cond = embed(*dit_, segment_contexts[i]);
+      segments.back()->set_condition(RowRole::Cond, segment_cond);
+      // The perturbed and skip-layer passes read the prompt too: the segment's.
+      if (pag_enabled(settings)) segments.back()->set_condition(RowRole::Perturbed, segment_cond);
+      if (slg_enabled(settings)) segments.back()->set_condition(RowRole::SkipLayer, segment_cond);
       if (settings.autoguidance != 1.0) segments.back()->set_condition(RowRole::Guide, embed(*guide_dit_, segment_contexts[i]));
       inner.push_back(segments.back().get());
     }
@@ -422,6 +483,7 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       {"shift", number_text(shift)},
       {"guidance", number_text(settings.guidance)},
       {"autoguidance", settings.autoguidance != 1.0 ? number_text(settings.autoguidance) + " (guide " + options_.guide_dit + ")" : "off"},
+      {"guidance_terms", guidance_text(settings)},
       {"model", files_.root.empty() ? files_.dit.front() : files_.root},
       {"software", "vdit"},
   };

@@ -12,6 +12,7 @@ const char* role_name(RowRole role) {
     case RowRole::Guide: return "guide";
     case RowRole::Source: return "source";
     case RowRole::Target: return "target";
+    case RowRole::SkipLayer: return "skip-layer";
   }
   return "?";
 }

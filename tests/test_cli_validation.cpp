@@ -176,6 +176,8 @@ TEST_CASE("issue 39: every bad invocation exits with one line and leaves every f
   }
   std::ofstream(root / "unknown_key.json") << R"({"generate": {"stepz": 3}})";
   std::ofstream(root / "unknown_global.json") << R"({"threadz": 2})";
+  std::ofstream(root / "broken_heads.json") << R"({"heads": {"1": [0)";
+  std::ofstream(root / "far_heads.json") << R"({"heads": {"1": [0, 7]}, "soft_pag": 0.5})";
   const fs::path typo_model = demo_model_with_defaults(root, "typo-model", R"({"frames": "nine"})");
   std::ofstream(root / "empty_prompts.txt") << "\n  \n";
   std::ofstream(root / "prompts.txt") << "a red circle moving right\n";
@@ -272,6 +274,28 @@ TEST_CASE("issue 39: every bad invocation exits with one line and leaves every f
       {"43 fuse", gen + "--frames 33 --context-fuse max" + out, 2, "--context-fuse 'max': give flat | linear | pyramid"},
       {"43 noise reschedule", gen + "--noise-reschedule repeat" + out, 2, "--noise-reschedule 'repeat'"},
       {"43 anchor", gen + "--anchor last" + out, 2, "--anchor 'last': give none | first"},
+      // Issue 41: head-level PAG, SLG and CFG-Zero* options, checked against the model's config
+      // (the demo DiT: 4 layers x 4 heads) before any weights load.
+      {"41 pag head out of range", gen + "--pag-heads 3:4" + out, 2, "head 4 of layer 3 is out of range"},
+      {"41 pag layer out of range", gen + "--pag-heads 9:0" + out, 2, "layer 9 is out of range"},
+      {"41 pag-layers out of range", gen + "--pag-layers 1,4" + out, 2, "--pag-layers: layer 4 is out of range"},
+      {"41 pag bad spec", gen + "--pag-heads 3-1" + out, 2, "has no ':'"},
+      {"41 pag bad head", gen + "--pag-heads 3:x" + out, 2, "'x' is not a non-negative integer"},
+      {"41 soft-pag 1.5", gen + "--pag-heads 0:1 --soft-pag 1.5" + out, 2, "--soft-pag must be in [0, 1]"},
+      {"41 soft-pag -0.5", gen + "--pag-heads 0:1 --soft-pag -0.5" + out, 2, "--soft-pag must be in [0, 1]"},
+      {"41 unreadable JSON", gen + "--pag-heads " + R + "/broken_heads.json" + out, 2, "not valid JSON"},
+      {"41 missing JSON", gen + "--pag-heads " + R + "/none.json" + out, 2, "cannot read the head set file"},
+      {"41 JSON head out of range", gen + "--pag-heads " + R + "/far_heads.json" + out, 2, "head 7 of layer 1 is out of range"},
+      {"41 pag-steps reversed", gen + "--pag-heads 0:1 --pag-steps 0.8:0.2" + out, 2, "need 0 <= a < b <= 1"},
+      {"41 pag-scale without heads", gen + "--pag-scale 2" + out, 2, "needs the heads to perturb"},
+      {"41 slg layer out of range", gen + "--slg-layers 7" + out, 2, "--slg-layers: layer 7 is out of range"},
+      {"41 cfg-zero-star without cfg", gen + "--cfg-zero-star -g 1" + out, 2, "needs classifier-free guidance"},
+      {"41 eval pag head out of range", "eval shapes --clips 2 --pag-heads 0:9", 2, "head 9 of layer 0 is out of range"},
+      {"41 eval soft-pag", "eval shapes --clips 2 --pag-layers 1 --soft-pag 2", 2, "--soft-pag must be in [0, 1]"},
+      {"41 heads search objective", "heads search --objective clip --out " + R + "/h.json", 2, "--objective must be shapes or cmd:"},
+      {"41 heads search command fails", "heads search --objective cmd:no-such-scorer-vdit{video} --out " + R + "/h.json", 2,
+       "objective command failed"},
+      {"41 heads search soft-pag", "heads search --soft-pag 0 --out " + R + "/h.json", 2, "--soft-pag must be in (0, 1]"},
   };
   if (have_device_node) {
     rows.push_back({"1 device node output", gen + "-o " + R + "/null.mp4 --overwrite", 2, "is a character device, not a regular file"});
@@ -400,7 +424,9 @@ TEST_CASE("--help documents every option of the shared groups and the limits", "
                              "--autoguidance", "--guide-dit", "--no-batch-cfg", "--output", "--format", "--fps", "--crf",
                              "--sheet", "--overwrite", "--save-latents", "--init", "--strength", "--force", "--vae-tile",
                              "--prompt", "--prompts", "--context-frames", "--context-overlap", "--context-schedule",
-                             "--context-fuse", "--noise-reschedule", "--anchor"}) {
+                             "--context-fuse", "--noise-reschedule", "--anchor",
+                             "--pag-scale", "--pag-layers", "--pag-heads", "--soft-pag", "--pag-steps", "--slg-layers",
+                             "--cfg-zero-star"}) {
     INFO(option);
     CHECK(generate.out.find(std::string(option) + " ") != std::string::npos);
   }
@@ -417,7 +443,9 @@ TEST_CASE("--help documents every option of the shared groups and the limits", "
   const Result eval = run_vdit({"eval", "shapes", "--help"});
   REQUIRE(eval.code == 0);
   for (const char* option : {"--model", "--size", "--frames", "--steps", "--sampler", "--shift", "--seed", "--guidance",
-                             "--no-batch-cfg", "--strength", "--force", "--long", "--context-frames", "--context-schedule"})
+                             "--no-batch-cfg", "--strength", "--force", "--long", "--context-frames", "--context-schedule",
+                             "--pag-scale", "--pag-heads", "--soft-pag",
+                             "--slg-layers", "--cfg-zero-star"})
     CHECK(eval.out.find(std::string(option) + " ") != std::string::npos);
   const Result main_help = run_vdit({"--help"});
   CHECK(main_help.out.find("--threads") != std::string::npos);

@@ -31,6 +31,7 @@ enum class RowRole : std::uint8_t {
   Guide,      // the prompt through a weaker guide model (autoguidance)
   Source,     // editing: the source prompt
   Target,     // editing: the target prompt
+  SkipLayer,  // the prompt with some blocks skipped (skip-layer guidance, DiTCall::skip_blocks)
 };
 const char* role_name(RowRole role);
 std::ostream& operator<<(std::ostream& out, RowRole role);  // its role_name

@@ -25,5 +25,6 @@ void register_generate_command(CLI::App& app, GlobalOptions& global);
 void register_bench_command(CLI::App& app, GlobalOptions& global);
 void register_eval_command(CLI::App& app, GlobalOptions& global);
 void register_train_demo_command(CLI::App& app, GlobalOptions& global);
+void register_heads_command(CLI::App& app, GlobalOptions& global);
 
 }  // namespace vdit::cli

@@ -8,6 +8,7 @@
 #include "vdit/io/input_file.h"
 #include "vdit/io/output_file.h"
 #include "vdit/io/safetensors.h"
+#include "vdit/pipelines/perturbed_guidance.h"
 
 #include <algorithm>
 #include <cmath>
@@ -163,7 +164,29 @@ void add_guidance_options(CLI::App& cmd, GuidanceOptions& o, const std::string& 
   cmd.add_option("--guide-dit", o.guide_dit,
                  "The weaker DiT for --autoguidance: a transformer folder, a model directory or a weights file of the "
                  "same latent space (default: the model's vdit-demo.json guide_dit, relative to the model directory)");
-  cmd.add_flag("--no-batch-cfg", o.no_batch_cfg, "Run conditional and unconditional passes separately (less memory)");
+  cmd.add_flag("--no-batch-cfg", o.no_batch_cfg,
+               "Run the conditional, unconditional and perturbed passes separately (less memory)");
+  cmd.add_option_function<double>(
+      "--pag-scale", [&o](const double& v) { o.pag_scale = v; },
+      "Perturbed-attention guidance scale S: each step adds S x (output - perturbed output), the perturbed pass "
+      "being the prompt with the heads of --pag-heads / --pag-layers attending to themselves (0: off; default: the "
+      "head file's pag_scale, else 3 when heads are given)");
+  cmd.add_option("--pag-layers", o.pag_layers, "Layer-level PAG: perturb every head of these layers (L,L,...)");
+  cmd.add_option("--pag-heads", o.pag_heads,
+                 "Head-level PAG: 'layer:head,head;layer:head' (global head indices) or a JSON file "
+                 "{\"heads\": {\"3\": [0, 2]}, \"soft_pag\": 0.5, \"pag_scale\": 2} as `vdit heads search` writes");
+  cmd.add_option_function<double>(
+      "--soft-pag", [&o](const double& v) { o.soft_pag = v; },
+      "SoftPAG weight u in [0, 1]: perturbed heads give (1 - u) attention + u V (1: PAG; default: the head file's, else 1)");
+  cmd.add_option("--pag-steps", o.pag_steps, "The part of the steps PAG acts on, as fractions a:b (default 0:1)");
+  cmd.add_option("--slg-layers", o.slg_layers,
+                 "Skip-layer guidance: a pass with these blocks skipped (L,L,...); each step in --slg-steps adds "
+                 "--slg-scale x (output - skipped output)");
+  cmd.add_option("--slg-scale", o.slg_scale, "Skip-layer guidance scale")->capture_default_str();
+  cmd.add_option("--slg-steps", o.slg_steps, "The part of the steps SLG acts on, as fractions a:b (default 0.01:0.2)");
+  cmd.add_flag("--cfg-zero-star", o.cfg_zero_star,
+               "CFG-Zero*: classifier-free guidance with the optimised scale s* = <v_c, v_u> / |v_u|^2 and the first 4 % "
+               "of the steps zeroed");
 }
 
 void add_init_options(CLI::App& cmd, InitOptions& o) {
@@ -250,6 +273,80 @@ void check_global_options(const GlobalOptions& global) {
   if (!global.dtype.empty()) parse_dtype(global.dtype);
 }
 
+namespace {
+
+std::vector<int> parse_layer_list(const std::string& text, const std::string& option) {
+  std::vector<int> layers;
+  std::string item;
+  std::istringstream in(text);
+  while (std::getline(in, item, ',')) {
+    const auto a = item.find_first_not_of(" \t"), b = item.find_last_not_of(" \t");
+    const std::string t = a == std::string::npos ? std::string() : item.substr(a, b - a + 1);
+    if (t.empty() || t.size() > 6 || !std::all_of(t.begin(), t.end(), [](unsigned char c) { return std::isdigit(c); }))
+      throw InputError(option + " '" + text + "': '" + t + "' is not a layer index (write L,L,...)");
+    layers.push_back(std::stoi(t));
+  }
+  if (layers.empty()) throw InputError(option + " names no layer");
+  std::sort(layers.begin(), layers.end());
+  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+  return layers;
+}
+
+std::pair<double, double> parse_step_fractions(const std::string& text, const std::string& option) {
+  const auto colon = text.find(':');
+  double a = 0, b = 0;
+  try {
+    if (colon == std::string::npos) throw std::invalid_argument(text);
+    std::size_t used = 0;
+    const std::string sa = text.substr(0, colon), sb = text.substr(colon + 1);
+    a = std::stod(sa, &used);
+    if (used != sa.size()) throw std::invalid_argument(sa);
+    b = std::stod(sb, &used);
+    if (used != sb.size()) throw std::invalid_argument(sb);
+  } catch (const std::exception&) {
+    throw InputError(option + " '" + text + "' is not a:b (fractions of the steps, e.g. 0:0.5)");
+  }
+  if (!(std::isfinite(a) && std::isfinite(b) && a >= 0.0 && b <= 1.0 && a < b))
+    throw InputError(option + " '" + text + "': need 0 <= a < b <= 1");
+  return {a, b};
+}
+
+}  // namespace
+
+void apply_guidance_terms(const GuidanceOptions& g, T2VSettings& settings) {
+  std::optional<double> file_scale, file_u;
+  if (!g.pag_heads.empty()) {
+    std::error_code ec;
+    const bool is_file = lower_extension(g.pag_heads) == ".json" || fs::is_regular_file(g.pag_heads, ec);
+    if (is_file) {
+      HeadSetFile file = read_head_set_file(g.pag_heads);
+      if (file.heads.empty()) throw InputError("--pag-heads " + g.pag_heads + ": the file names no head");
+      settings.pag_heads = file.heads;
+      file_scale = file.pag_scale;
+      file_u = file.soft_pag;
+    } else {
+      settings.pag_heads = parse_head_spec(g.pag_heads);
+    }
+  }
+  if (!g.pag_layers.empty()) settings.pag_layers = parse_layer_list(g.pag_layers, "--pag-layers");
+  const bool heads_given = !settings.pag_heads.empty() || !settings.pag_layers.empty();
+  const double scale = g.pag_scale ? *g.pag_scale : file_scale ? *file_scale : heads_given ? 3.0 : 0.0;
+  if (!std::isfinite(scale)) throw InputError("--pag-scale must be a finite number");
+  if (scale != 0.0 && !heads_given) throw InputError("--pag-scale needs the heads to perturb (--pag-heads or --pag-layers)");
+  settings.pag_scale = scale;
+  const double u = g.soft_pag ? *g.soft_pag : file_u ? *file_u : 1.0;
+  if (!(u >= 0.0 && u <= 1.0)) throw InputError("--soft-pag must be in [0, 1] (got " + number_text(u) + ")");
+  settings.soft_pag = u;
+  if (!g.pag_steps.empty()) std::tie(settings.pag_start, settings.pag_end) = parse_step_fractions(g.pag_steps, "--pag-steps");
+  if (!g.slg_layers.empty()) settings.slg_layers = parse_layer_list(g.slg_layers, "--slg-layers");
+  if (!std::isfinite(g.slg_scale)) throw InputError("--slg-scale must be a finite number");
+  settings.slg_scale = g.slg_scale;
+  if (!g.slg_steps.empty()) std::tie(settings.slg_start, settings.slg_end) = parse_step_fractions(g.slg_steps, "--slg-steps");
+  settings.cfg_zero_star = g.cfg_zero_star;
+  if (g.cfg_zero_star && settings.guidance == 1.0)
+    throw InputError("--cfg-zero-star needs classifier-free guidance (--guidance other than 1)");
+}
+
 T2VSettings check_settings(const ModelOptions& model, const SamplingOptions& s, const GuidanceOptions& g,
                            const InitOptions* init) {
   T2VSettings settings;
@@ -275,6 +372,7 @@ T2VSettings check_settings(const ModelOptions& model, const SamplingOptions& s, 
   settings.autoguidance = g.autoguidance;
   settings.negative_prompt = g.negative_prompt;
   settings.batch_guidance = !g.no_batch_cfg;
+  apply_guidance_terms(g, settings);
 
   if (init) {
     const bool has_init = !init->init.empty();
@@ -393,7 +491,8 @@ CheckedRun check_run(const CLI::App& cmd, const GlobalOptions& global, ModelOpti
   memory_run.width = settings.width;
   memory_run.height = settings.height;
   memory_run.frames = settings.frames;
-  memory_run.batch = (settings.guidance != 1.0 && settings.batch_guidance ? 2 : 1) * std::max<std::int64_t>(needs.batch_clips, 1);
+  const std::int64_t passes = 1 + (settings.guidance != 1.0 ? 1 : 0) + (pag_enabled(settings) ? 1 : 0) + (slg_enabled(settings) ? 1 : 0);
+  memory_run.batch = (settings.batch_guidance ? passes : 1) * std::max<std::int64_t>(needs.batch_clips, 1);
   memory_run.compute_bytes = static_cast<std::int64_t>(c10::elementSize(run.options.dtype));
   memory_run.vae_tile_px = run.options.vae_tiling.enabled ? run.options.vae_tiling.tile_px : 0;
   memory_run.encode_init = settings.init_video.defined() || needs.encode_video;

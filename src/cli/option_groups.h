@@ -66,6 +66,16 @@ struct GuidanceOptions {
   std::string guide_dit;
   std::optional<std::string> negative_prompt;  // unset: the model's vdit-demo.json, else the command's default
   bool no_batch_cfg = false;
+  // Perturbed-attention guidance (PAG / SoftPAG on heads), skip-layer guidance, CFG-Zero*.
+  std::optional<double> pag_scale;  // unset: the head file's pag_scale, else 3 when heads are given
+  std::string pag_layers;           // "L,L"
+  std::string pag_heads;            // "layer:head,head;layer:head" or a JSON file
+  std::optional<double> soft_pag;   // unset: the head file's soft_pag, else 1 (PAG)
+  std::string pag_steps;            // "a:b" fractions of the steps
+  std::string slg_layers;           // "L,L"
+  double slg_scale = T2VSettings{}.slg_scale;
+  std::string slg_steps;
+  bool cfg_zero_star = false;
 };
 GuidanceOptions guidance_defaults(const T2VSettings& defaults);
 void add_guidance_options(CLI::App& cmd, GuidanceOptions& o, const std::string& negative_prompt_default);
@@ -107,6 +117,9 @@ void check_global_options(const GlobalOptions& global);
 // (1..kMaxSteps), sampler, eta, shift (> 0), sigmas, seed, guidance, autoguidance, strength, the
 // VAE tiling, and that every input path names a regular file or directory (no FIFO, no device,
 // no symlink loop).
+// The PAG / SLG / CFG-Zero* options into `settings` (--pag-heads' JSON file read here); the
+// model-free checks. Layer and head ranges are checked against the model by the pipeline.
+void apply_guidance_terms(const GuidanceOptions& guidance, T2VSettings& settings);
 T2VSettings check_settings(const ModelOptions& model, const SamplingOptions& sampling, const GuidanceOptions& guidance,
                            const InitOptions* init);
 

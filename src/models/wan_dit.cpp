@@ -939,9 +939,38 @@ at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const W
   ctx.compute_dtype = compute_dtype_;
   ctx.attention_dtype = attention_dtype(device);
 
+  // Skip-layer guidance: per block, the rows that bypass it (empty when no row's role skips it).
+  std::vector<std::vector<std::int64_t>> skipped_rows(static_cast<std::size_t>(c.num_layers));
+  if (!call.skip_blocks.empty()) {
+    if (call.row_roles.empty()) throw InputError("DiT call: skip_blocks needs labelled rows (row_roles)");
+    for (std::int64_t row = 0; row < B; ++row) {
+      auto it = call.skip_blocks.find(call.row_roles[static_cast<std::size_t>(row)]);
+      if (it == call.skip_blocks.end()) continue;
+      for (int block : it->second) {
+        if (block < 0 || block >= c.num_layers) {
+          throw InputError("DiT call: skipped block " + std::to_string(block) + " out of range 0.." +
+                           std::to_string(c.num_layers - 1));
+        }
+        skipped_rows[static_cast<std::size_t>(block)].push_back(row);
+      }
+    }
+  }
+
   int layer = 0;
   for (const auto& module : *blocks) {
-    h = module->as<wan::BlockImpl>()->forward(h, e0, layer, ctx);
+    const auto& skip = skipped_rows[static_cast<std::size_t>(layer)];
+    if (skip.empty()) {
+      h = module->as<wan::BlockImpl>()->forward(h, e0, layer, ctx);
+    } else if (static_cast<std::int64_t>(skip.size()) == B) {
+      h = h.to(at::kFloat);  // every row skips this block (a block's output is f32)
+    } else {
+      // The block runs on every row (batched attention processors see the usual layout), then the
+      // skipping rows take their input back: out = in on those rows, bitwise.
+      const at::Tensor in = h;
+      at::Tensor out = module->as<wan::BlockImpl>()->forward(h, e0, layer, ctx);
+      const at::Tensor index = at::tensor(skip, at::TensorOptions().dtype(at::kLong).device(device));
+      h = out.index_copy(0, index, in.index_select(0, index).to(out.scalar_type()));
+    }
     if (capture) (*capture)["block" + std::to_string(layer) + "_out"] = h.detach().to(at::kFloat).clone();
     ++layer;
   }

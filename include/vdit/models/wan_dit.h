@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -198,6 +199,9 @@ struct DiTCall {
   // Handed to the processors: the loop's step and the role of every batch row (empty: unlabelled).
   const StepInfo* step = nullptr;
   std::vector<RowRole> row_roles;
+  // Skip-layer guidance: rows labelled with a role in this map bypass the listed blocks (their
+  // residual stream passes through the block unchanged); other rows run every block.
+  std::map<RowRole, std::set<int>> skip_blocks;
   // When set, filled with f32 copies of intermediates: "patch_embedding" [B,dim,F',H',W'],
   // "time_embedding_e" [B,dim], "time_projection_e0" [B,6,dim], "block<i>_out" [B,N,dim],
   // "head_out" [B,N,prod(patch)*out_dim].

@@ -62,6 +62,63 @@ class Autoguidance : public GuidanceTerm {
   double weight_;
 };
 
+// The part of a run a term acts on: steps whose schedule position index / count lies in
+// [start, end) (fractions of the whole schedule, so an SDEdit run that starts part-way keeps the
+// same absolute range).
+struct StepRange {
+  double start = 0.0, end = 1.0;
+  bool contains(const StepInfo& step) const;
+};
+
+// Perturbed-attention guidance (Ahn et al. 2024; SoftPAG and head sets after HeadHunter): on the
+// steps of `range`, guided + scale * (cond - perturbed). After CFG this is
+// v_u + w (v_c - v_u) + s (v_c - v_p); alone, v_c + s (v_c - v_p). The perturbed pass is the
+// prompt; what perturbs it is the pipeline's business (HeadPerturbation on RowRole::Perturbed
+// rows). Outside the range the term asks for no pass and changes nothing.
+class PerturbedAttentionGuidance : public GuidanceTerm {
+ public:
+  explicit PerturbedAttentionGuidance(double scale, StepRange range = {}, RowRole role = RowRole::Perturbed)
+      : scale_(scale), range_(range), role_(role) {}
+  std::string name() const override { return "pag"; }
+  std::vector<RowRole> passes(const StepInfo& step) const override;
+  at::Tensor apply(const at::Tensor& guided, const PassOutputs& out, const StepInfo& step) const override;
+  double scale() const { return scale_; }
+  const StepRange& range() const { return range_; }
+  RowRole role() const { return role_; }
+
+ private:
+  double scale_;
+  StepRange range_;
+  RowRole role_;
+};
+
+// Skip-layer guidance (SD3.5, ComfyUI's SkipLayerGuidanceDiT): the same formula on the
+// RowRole::SkipLayer pass, the prompt with some blocks bypassed (DiTCall::skip_blocks).
+class SkipLayerGuidance : public PerturbedAttentionGuidance {
+ public:
+  explicit SkipLayerGuidance(double scale, StepRange range = {0.01, 0.2})
+      : PerturbedAttentionGuidance(scale, range, RowRole::SkipLayer) {}
+  std::string name() const override { return "slg"; }
+};
+
+// CFG-Zero* (Fan et al. 2025, "Improved Classifier-Free Guidance for Flow Matching Models"), in
+// place of CFG and first like it: with the optimised scale s* = <v_c, v_u> / (|v_u|^2 + 1e-8) per
+// batch row, v = s* v_u + w (v_c - s* v_u); on steps with index < zero_init_steps the output is
+// zero (zero-init). Defined on velocities: for flow (velocity-predicting) models only.
+class CFGZeroStar : public GuidanceTerm {
+ public:
+  CFGZeroStar(double scale, int zero_init_steps) : scale_(scale), zero_init_steps_(zero_init_steps) {}
+  std::string name() const override { return "cfg-zero*"; }
+  std::vector<RowRole> passes(const StepInfo&) const override { return {RowRole::Cond, RowRole::Uncond}; }
+  at::Tensor apply(const at::Tensor& guided, const PassOutputs& out, const StepInfo& step) const override;
+  // The authors' default number of zeroed steps: ceil(4 % of the steps).
+  static int default_zero_init_steps(int steps);
+
+ private:
+  double scale_;
+  int zero_init_steps_;
+};
+
 class Guidance {
  public:
   Guidance& add(std::shared_ptr<const GuidanceTerm> term);

@@ -48,7 +48,27 @@ struct T2VSettings {
   std::uint64_t seed = 42;         // also the CLI's default (--seed): defined here only
   std::vector<double> sigmas;     // custom schedule; empty: the sampler's own
   at::Tensor noise;               // optional latent-shaped tensor replacing the seeded noise
-  bool batch_guidance = true;     // cond and uncond in one forward of batch 2
+  bool batch_guidance = true;     // cond, uncond (and perturbed) passes in one batched forward
+  // Perturbed-attention guidance (PAG; SoftPAG and head sets after HeadHunter): on the steps in
+  // [pag_start, pag_end) (fractions of the run) the output gains pag_scale * (cond - perturbed),
+  // the perturbed pass being the prompt with the self-attention of the heads in pag_heads
+  // interpolated towards the identity map by soft_pag: (1 - u) attention + u V (1: PAG, the head
+  // returns its V). pag_scale 0 or an empty head set: off (no perturbed pass).
+  double pag_scale = 0.0;
+  std::map<int, std::vector<int>> pag_heads;  // layer -> global head indices
+  std::vector<int> pag_layers;                // layer-level PAG: every head of these layers too
+  double soft_pag = 1.0;
+  double pag_start = 0.0, pag_end = 1.0;
+  // Skip-layer guidance (SD3.5 / ComfyUI SkipLayerGuidanceDiT): on the steps in [slg_start,
+  // slg_end) the output gains slg_scale * (cond - skipped), the skipped pass being the prompt
+  // with the blocks slg_layers bypassed. Empty: off.
+  std::vector<int> slg_layers;
+  double slg_scale = 3.0;
+  double slg_start = 0.01, slg_end = 0.2;
+  // CFG-Zero* (Fan et al. 2025) in place of CFG: v = s* v_u + w (v_c - s* v_u) with
+  // s* = <v_c, v_u> / |v_u|^2, and a zero velocity on the first cfg_zero_init_steps steps.
+  bool cfg_zero_star = false;
+  int cfg_zero_init_steps = -1;  // -1: ceil(4 % of the steps), the authors' default
   // Long video (pipelines/temporal_windows.h, ALGORITHMS.md 5.4): when set, every step runs the
   // guided DiT on overlapping windows of latent frames and fuses the velocities; nullopt: one
   // window holding every frame.
@@ -140,12 +160,15 @@ class WanT2VPipeline {
   void release_vae();
   // The sampler this pipeline would use for `settings` (scheduler config honoured).
   std::unique_ptr<FlowSampler> make_sampler_for(const T2VSettings& settings) const;
-  // The guidance terms of `settings`: CFG (guidance != 1), then autoguidance (autoguidance != 1).
+  // The guidance terms of `settings`: CFG or CFG-Zero* (guidance != 1), autoguidance
+  // (autoguidance != 1), PAG (pag_scale != 0 and a head set), skip-layer guidance (slg_layers).
   Guidance guidance_for(const T2VSettings& settings) const;
 
   const WanModelFiles& files() const { return files_; }
   // Read from the model's VAE and DiT configs (weights are not loaded). Computed once.
   const LatentGeometry& latent_geometry();
+  // The DiT's config (its config.json, else inferred from the weights' shapes; none is loaded).
+  const WanDiTConfig& dit_config();
 
  private:
   void load_dit();
@@ -159,6 +182,7 @@ class WanT2VPipeline {
   std::shared_ptr<WanDiTImpl> guide_dit_;
   std::optional<WanVAE> vae_;
   std::optional<LatentGeometry> geometry_;
+  std::optional<WanDiTConfig> dit_config_;
   StageTimes times_;
 };
 
