@@ -166,19 +166,11 @@ struct RowRecorder : AttentionProcessor {
   }
 };
 
-WanDiT tiny_dit() {
-  auto weights = WeightFile::open(fixture("wan-tiny/dit/weights.safetensors"));
-  WanDiT dit(WanDiTConfig::from_file(fixture("wan-tiny/e2e/dit_config.json")));
-  load_wan_dit_weights(dit, {weights}, at::kFloat);
-  dit->eval();
-  return dit;
-}
-
 }  // namespace
 
 TEST_CASE("the DiT denoiser batches the main model's passes, labels rows by role, and equals CFG by hand", "[loop]") {
   c10::InferenceMode guard;
-  WanDiT dit = tiny_dit();
+  WanDiT dit = vdit_test::load_tiny_dit();
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
   const WanTextCondition cond = dit->encode_text(file->tensor("context_positive"));
   const WanTextCondition uncond = dit->encode_text(file->tensor("context_negative"));

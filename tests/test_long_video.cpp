@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include "test_helpers.h"
+#include "tiny_models.h"
 #include "vdit/common.h"
 #include "vdit/io/checkpoint.h"
 #include "vdit/io/safetensors.h"
@@ -24,15 +25,7 @@ using vdit_test::bitwise_equal;
 
 namespace {
 
-std::string fixture(const std::string& rel) { return std::string(VDIT_FIXTURES_DIR) + "/" + rel; }
-
-WanDiT tiny_dit() {
-  auto weights = WeightFile::open(fixture("wan-tiny/dit/weights.safetensors"));
-  WanDiT dit(WanDiTConfig::from_file(fixture("wan-tiny/e2e/dit_config.json")));
-  load_wan_dit_weights(dit, {weights}, at::kFloat);
-  dit->eval();
-  return dit;
-}
+using vdit_test::fixture;
 
 TemporalWindowOptions opts(std::int64_t L, std::int64_t O, WindowSchedule s = WindowSchedule::Static,
                            WindowFuse f = WindowFuse::Linear, WindowAnchor a = WindowAnchor::None) {
@@ -179,7 +172,7 @@ TEST_CASE("the FreeNoise reschedule is a seeded permutation within each block", 
 
 TEST_CASE("with a window covering every frame the window denoiser equals plain generation bitwise", "[long]") {
   c10::InferenceMode guard;
-  WanDiT dit = tiny_dit();
+  WanDiT dit = vdit_test::load_tiny_dit();
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
   const WanTextCondition cond = dit->encode_text(file->tensor("context_positive"));
   const WanTextCondition uncond = dit->encode_text(file->tensor("context_negative"));
@@ -238,7 +231,7 @@ TEST_CASE("windows fuse frame-wise models exactly, pick each window's prompt seg
 
 TEST_CASE("the window denoiser composes with CFG on the wan-tiny DiT as a hand-fused computation", "[long]") {
   c10::InferenceMode guard;
-  WanDiT dit = tiny_dit();
+  WanDiT dit = vdit_test::load_tiny_dit();
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
   const WanTextCondition cond = dit->encode_text(file->tensor("context_positive"));
   const WanTextCondition uncond = dit->encode_text(file->tensor("context_negative"));

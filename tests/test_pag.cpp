@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include "test_helpers.h"
+#include "tiny_models.h"
 #include "vdit/attention/processors.h"
 #include "vdit/common.h"
 #include "vdit/io/safetensors.h"
@@ -22,19 +23,11 @@ using vdit_test::bitwise_equal;
 
 namespace {
 
-std::string fixture_path(const std::string& rel) { return std::string(VDIT_FIXTURES_DIR) + "/" + rel; }
-
-WanDiT tiny_dit() {
-  auto weights = WeightFile::open(fixture_path("wan-tiny/dit/weights.safetensors"));
-  WanDiT dit(WanDiTConfig::from_file(fixture_path("wan-tiny/e2e/dit_config.json")));
-  load_wan_dit_weights(dit, {weights}, at::kFloat);
-  dit->eval();
-  return dit;
-}
+using vdit_test::fixture;
 
 struct TinyCase {
-  WanDiT dit = tiny_dit();
-  std::shared_ptr<SafetensorsFile> file = SafetensorsFile::open(fixture_path("wan-tiny/e2e/case_generate.safetensors"));
+  WanDiT dit = vdit_test::load_tiny_dit();
+  std::shared_ptr<SafetensorsFile> file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
   WanTextCondition cond = dit->encode_text(file->tensor("context_positive"));
   WanTextCondition uncond = dit->encode_text(file->tensor("context_negative"));
   at::Tensor x = file->tensor("noise").unsqueeze(0).narrow(2, 0, 2);
@@ -377,7 +370,7 @@ TEST_CASE("head sets: spec text, JSON files, range checks", "[pag]") {
   s.pag_layers = {1};
   CHECK(pag_enabled(s));
   CHECK(pag_head_set(s, 2) == HeadSet{{1, {0, 1}}});
-  WanDiTConfig config = WanDiTConfig::from_file(fixture_path("wan-tiny/e2e/dit_config.json"));
+  WanDiTConfig config = WanDiTConfig::from_file(fixture("wan-tiny/e2e/dit_config.json"));
   CHECK_NOTHROW(check_guidance_terms(s, config));
   s.pag_layers = {2};
   CHECK_THROWS_AS(check_guidance_terms(s, config), InputError);

@@ -7,6 +7,7 @@
 #include "vdit/io/safetensors.h"
 #include "vdit/models/tokenizer.h"
 #include "vdit/models/umt5.h"
+#include "vdit/models/wan_dit.h"
 
 #include <torch/torch.h>
 
@@ -62,6 +63,15 @@ inline std::vector<vdit::WriteEntry> tiny_t5_entries(bool hf_names) {
   for (const auto& p : model->named_parameters())
     out.push_back({hf_names ? t5_hf_name(p.key()) : p.key(), p.value().detach().clone(), std::nullopt});
   return out;
+}
+
+// The wan-tiny golden DiT (2 layers, dim 64) in f32, ready for inference.
+inline vdit::WanDiT load_tiny_dit() {
+  auto weights = vdit::WeightFile::open(fixture("wan-tiny/dit/weights.safetensors"));
+  vdit::WanDiT dit(vdit::WanDiTConfig::from_file(fixture("wan-tiny/e2e/dit_config.json")));
+  vdit::load_wan_dit_weights(dit, {weights}, at::kFloat);
+  dit->eval();
+  return dit;
 }
 
 inline void write_text(const fs::path& path, const std::string& text) {
