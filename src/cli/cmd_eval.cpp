@@ -40,22 +40,11 @@ using namespace vdit::shapes;
 // --render-only and a rendered run can be compared caption for caption with a generated one.
 constexpr std::uint64_t kLayoutSeedOffset = 0x5eed5eedULL;
 
-// The command's own defaults (the judge is calibrated for 64x64, 9 frames), defined once; the
-// model's vdit-demo.json overrides the sampling and guidance ones the user does not give.
-T2VSettings eval_defaults() {
-  T2VSettings d;
-  d.width = d.height = 64;
-  d.frames = 9;
-  d.steps = 30;
-  d.guidance = 4.0;
-  d.seed = 0;
-  return d;
-}
-
 struct EvalOptions {
   ModelOptions model;
-  SamplingOptions sampling = sampling_defaults(eval_defaults());
-  GuidanceOptions guidance = guidance_defaults(eval_defaults());
+  // The shapes judge's defaults; the model's vdit-demo.json overrides the ones the user does not give.
+  SamplingOptions sampling = sampling_defaults(shapes_judge_defaults());
+  GuidanceOptions guidance = guidance_defaults(shapes_judge_defaults());
   int clips = 100;
   double strength = 1.0;     // below 1: denoise the rendered clip from that share of the schedule
   std::string save_dir;

@@ -34,11 +34,7 @@ namespace fs = std::filesystem;
 using namespace vdit::shapes;
 
 T2VSettings search_defaults() {
-  T2VSettings d;
-  d.width = d.height = 64;
-  d.frames = 9;
-  d.steps = 30;
-  d.guidance = 4.0;
+  T2VSettings d = shapes_judge_defaults();
   d.seed = 5000;  // disjoint from eval's customary judge seeds (1000.., 2000..)
   return d;
 }

@@ -107,6 +107,16 @@ void add_model_options(CLI::App& cmd, ModelOptions& o) {
       ->capture_default_str();
 }
 
+T2VSettings shapes_judge_defaults() {
+  T2VSettings d;
+  d.width = d.height = 64;
+  d.frames = 9;
+  d.steps = 30;
+  d.guidance = 4.0;
+  d.seed = 0;
+  return d;
+}
+
 SamplingOptions sampling_defaults(const T2VSettings& d) {
   SamplingOptions o;
   o.size = std::to_string(d.width) + "x" + std::to_string(d.height);

@@ -53,6 +53,9 @@ struct SamplingOptions {
 };
 // The defaults of a command: `generate` takes T2VSettings{}'s, `eval shapes` its own.
 SamplingOptions sampling_defaults(const T2VSettings& defaults);
+// The commands that run the shapes judge (eval shapes, heads search): the judge is calibrated for
+// 64x64 and 9 frames; 30 steps, guidance 4, seed 0 unless a command says otherwise.
+T2VSettings shapes_judge_defaults();
 struct SamplingHelp {
   std::string seed = "Seed of the initial noise, 0 to 18446744073709551615";
   bool noise = true;  // offer --noise
