@@ -135,7 +135,7 @@ TEST_CASE("neighbourhood mask equals the NATTEN formula brute force", "[attentio
   }
 }
 
-TEST_CASE("FreeSwim inward mask is NATTEN's kernel 2d+1; no-inward differs only near borders", "[attention]") {
+TEST_CASE("FreeSwim inward mask is NATTEN's kernel 2d+1, no-inward differs only near borders", "[attention]") {
   for (std::int64_t n : {7, 10, 30}) {
     for (std::int64_t d : {1, 2, 4, 15}) {
       for (std::int64_t x = 0; x < n; ++x) {
@@ -620,7 +620,7 @@ TEST_CASE("vdit bench attention prints one JSON line", "[attention][cli]") {
   CHECK(WEXITSTATUS(bad_status) == 2);
 }
 
-TEST_CASE("run_workers: every index once, on threads kept between calls; errors rethrown; nested calls inline",
+TEST_CASE("run_workers: every index once, on threads kept between calls, errors rethrown, nested calls inline",
           "[attention]") {
   // A thread's count of bodies it has run: fresh threads per call would start every call at 1.
   static thread_local int bodies_run_here = 0;

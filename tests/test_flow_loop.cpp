@@ -94,7 +94,7 @@ TEST_CASE("a run that starts part-way: the SDEdit start and the tail of the sche
   CHECK(at::allclose(end, clean, 1e-5, 1e-5));
 }
 
-TEST_CASE("inversion walks the sampler's grid up; on a straight flow it undoes sampling", "[loop]") {
+TEST_CASE("inversion walks the sampler's grid up, on a straight flow it undoes sampling", "[loop]") {
   auto sampler = euler(6);
   const std::vector<float> sigmas = sampler->sigmas();
   EulerInversionStepper inversion(*sampler);

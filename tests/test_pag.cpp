@@ -209,7 +209,7 @@ TEST_CASE("PAG on the wan-tiny DiT: u = 1 on a head gives that head's V through 
   CHECK(at::allclose(perturbed, identity, 1e-5, 1e-5));
 }
 
-TEST_CASE("PAG on the wan-tiny DiT: an empty head set equals CFG alone; the formula by hand", "[pag]") {
+TEST_CASE("PAG on the wan-tiny DiT: an empty head set equals CFG alone, the formula by hand", "[pag]") {
   c10::InferenceMode guard;
   TinyCase tc;
   const auto velocity = [&](const Guidance& guidance, const AttentionProcessors* processors, bool batch) {
@@ -398,7 +398,7 @@ double synthetic(const HeadSet& heads) {
 }
 }  // namespace
 
-TEST_CASE("head search finds a rewarded head first; a resumed search gives the same ranking", "[pag]") {
+TEST_CASE("head search finds a rewarded head first, a resumed search gives the same ranking", "[pag]") {
   HeadSearchConfig config;
   config.num_layers = 3;
   config.num_heads = 4;

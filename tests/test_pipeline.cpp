@@ -120,7 +120,7 @@ TEST_CASE("a sample-predicting model's guided output becomes the velocity before
   fs::remove_all(dir);
 }
 
-TEST_CASE("autoguidance adds (w - 1) x (output - guide output); a guide equal to the model changes nothing", "[pipeline]") {
+TEST_CASE("autoguidance adds (w - 1) x (output - guide output), a guide equal to the model changes nothing", "[pipeline]") {
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
   const fs::path dir = temp_dir("autoguidance");
   // A guide whose output head is zeroed predicts exactly 0, so the autoguided velocity is w x v.
@@ -164,7 +164,7 @@ TEST_CASE("autoguidance adds (w - 1) x (output - guide output); a guide equal to
   fs::remove_all(dir);
 }
 
-TEST_CASE("euler-a in the pipeline: the run's seed fixes its noise; eta 0 is Euler", "[pipeline]") {
+TEST_CASE("euler-a in the pipeline: the run's seed fixes its noise, eta 0 is Euler", "[pipeline]") {
   auto file = SafetensorsFile::open(fixture("wan-tiny/e2e/case_generate.safetensors"));
   WanT2VPipeline pipeline(tiny_model_files(), WanT2VOptions{});
   T2VSettings settings = tiny_settings("euler-a", 4);
@@ -339,7 +339,7 @@ static ClipOutput clip_output(const fs::path& root, const std::string& name) {
 #endif
 }
 
-TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 without touching outputs", "[pipeline][cli]") {
+TEST_CASE("vdit generate: same seed gives the same latents, bad input exits 2 without touching outputs", "[pipeline][cli]") {
   const fs::path root = temp_dir("cli");
   const fs::path model = vdit_test::make_tiny_model(root / "model", "diffusers");
   const std::string common = "generate -m " + model.string() + " -p 'a blue square' --size 32x32 --frames 5 --steps 2 --seed 3 ";
@@ -390,7 +390,7 @@ TEST_CASE("vdit generate: same seed gives the same latents; bad input exits 2 wi
 }
 
 #if defined(VDIT_WITH_FFMPEG)
-TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the command line wins", "[pipeline][cli]") {
+TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json, the command line wins", "[pipeline][cli]") {
   const fs::path root = temp_dir("defaults");
   const fs::path model = vdit_test::make_tiny_model(root / "model", "diffusers");
   {
@@ -433,7 +433,7 @@ TEST_CASE("vdit generate takes defaults from the model's vdit-demo.json; the com
   CHECK(meta.at("autoguidance").find("2 (guide " + (model / "transformer").string()) == 0);
   // A guide that does not exist is a one-line input error, and nothing is written.
   REQUIRE(run_vdit("generate -m " + model.string() + " -p x --guide-dit missing -o " + (root / "h.mp4").string(), &out) == 2);
-  CHECK(out.find("missing: no such guide DiT") != std::string::npos);
+  CHECK(out.find("'missing': no such guide DiT") != std::string::npos);
   CHECK(std::count(out.begin(), out.end(), '\n') == 1);
   CHECK(!fs::exists(root / "h.mp4"));
 

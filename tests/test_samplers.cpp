@@ -309,7 +309,7 @@ TEST_CASE("sampler: img2img begin index runs the tail of the schedule", "[sample
   }
 }
 
-TEST_CASE("sampler: a new run from the begin index repeats the trajectory; misuse is reported", "[sampler]") {
+TEST_CASE("sampler: a new run from the begin index repeats the trajectory, misuse is reported", "[sampler]") {
   const auto file = vdit::SafetensorsFile::open(kSamplerDir + "/case_steps.safetensors");
   const at::Tensor model_outputs = file->tensor("model_outputs");
   const at::Tensor x_T = file->tensor("x_T");
@@ -473,7 +473,7 @@ at::Tensor run_euler_a(double eta, std::uint64_t noise_seed, int steps, double s
 
 }  // namespace
 
-TEST_CASE("sampler: euler-a with eta 0 is the Euler step; the oracle x0 lands it on x0 for any eta", "[sampler]") {
+TEST_CASE("sampler: euler-a with eta 0 is the Euler step, the oracle x0 lands it on x0 for any eta", "[sampler]") {
   at::manual_seed(21);
   const at::Tensor x0 = at::randn({1, 16, 3, 4, 5});
   const at::Tensor noise = at::randn({1, 16, 3, 4, 5});

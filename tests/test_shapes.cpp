@@ -389,7 +389,7 @@ TEST_CASE("contact sheet: a grid of every frame, metadata, no overwrite", "[shap
   CHECK_THROWS_AS(write_contact_sheet(video, (dir.path / "x.png").string(), {}, -1), InputError);
 }
 
-TEST_CASE("vdit eval shapes --render-only judges rendered clips; a missing model is one clear error", "[shapes][cli]") {
+TEST_CASE("vdit eval shapes --render-only judges rendered clips, a missing model is one clear error", "[shapes][cli]") {
   TempDir dir;
   std::string out;
   REQUIRE(run_vdit("--quiet eval shapes --render-only --clips 40 --seed 3 --json", out) == 0);

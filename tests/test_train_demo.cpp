@@ -555,7 +555,7 @@ TEST_CASE("train-demo: a trained directory loads and generates through the pipel
   fs::remove_all(dir);
 }
 
-TEST_CASE("train-demo: a VAE of another z_dim trains with neutral statistics and generates; the DiT must match it",
+TEST_CASE("train-demo: a VAE of another z_dim trains with neutral statistics and generates, the DiT must match it",
           "[train]") {
   // The DiT's in_dim and out_dim must be the VAE's z_dim: refused when the config is read, not
   // after the VAE stage.
