@@ -41,7 +41,12 @@ class JsonConfig : public CLI::Config {
     if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
     return v.dump();
   }
+  // A config nests at most a command and a subcommand deep; deeper nesting is refused rather than
+  // followed, so a hostile file cannot recurse the stack away.
+  static constexpr std::size_t kMaxSectionDepth = 8;
   static void collect(const nlohmann::json& j, const std::vector<std::string>& parents, std::vector<CLI::ConfigItem>& items) {
+    if (parents.size() > kMaxSectionDepth)
+      throw CLI::ConversionError("config file nests sections more than " + std::to_string(kMaxSectionDepth) + " deep");
     for (auto it = j.begin(); it != j.end(); ++it) {
       if (it.value().is_object()) {
         auto p = parents;
