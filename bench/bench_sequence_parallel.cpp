@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -81,7 +82,11 @@ int run_rank(const Options& o) {
   group->barrier();
   group->reset_counters();
   const auto t0 = std::chrono::steady_clock::now();
+  const std::clock_t cpu0 = std::clock();
   for (std::int64_t i = 0; i < o.repeats; ++i) dit->forward(x, t, cond, call);
+  // CPU time of this rank (compute and Gloo's threads): on a shared machine the wall time
+  // depends on what else runs, this does much less.
+  const double cpu = static_cast<double>(std::clock() - cpu0) / CLOCKS_PER_SEC / static_cast<double>(o.repeats);
   group->barrier();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(o.repeats);
   const auto& c = group->counters();
@@ -90,9 +95,9 @@ int run_rank(const Options& o) {
   const UlyssesTraffic analytic = ulysses_traffic(o.batch, tokens, config.num_heads, config.head_dim(), config.num_layers,
                                                   config.patch_volume() * config.out_dim, group->world_size(), 4);
   if (group->is_main()) {
-    std::printf("RESULT %d %lld %lld %lld %lld %.6f\n", group->world_size(), static_cast<long long>(bytes),
+    std::printf("RESULT %d %lld %lld %lld %lld %.6f %.6f\n", group->world_size(), static_cast<long long>(bytes),
                 static_cast<long long>(analytic.total()), static_cast<long long>(c.all_to_all_calls / o.repeats),
-                static_cast<long long>(tokens), seconds);
+                static_cast<long long>(tokens), seconds, cpu);
   }
   return 0;
 }
@@ -136,13 +141,14 @@ int main(int argc, char** argv) {
     std::printf("Ulysses, one thread per rank, batch %lld, token grid %lldx%lldx%lld, %s\n", static_cast<long long>(o.batch),
                 static_cast<long long>(o.grid[0]), static_cast<long long>(o.grid[1]), static_cast<long long>(o.grid[2]),
                 o.random.empty() ? o.model.c_str() : "random weights");
-    std::printf("%6s %8s %16s %16s %12s %14s %10s\n", "ranks", "tokens", "bytes/forward", "analytic", "all-to-alls",
-                "s/forward", "speedup");
+    std::printf("%6s %8s %16s %16s %12s %12s %10s %16s\n", "ranks", "tokens", "bytes/forward", "analytic", "all-to-alls",
+                "s/forward", "speedup", "rank-0 cpu s/fwd");
     double base = 0;
     for (std::int64_t world : o.worlds) {
       const std::string out_path = "/tmp/bench_sp_" + std::to_string(::getpid()) + "_" + std::to_string(world) + ".txt";
       const int port = 20000 + static_cast<int>((::getpid() * 7 + world) % 20000);
       std::vector<pid_t> pids;
+      std::fflush(stdout);  // a child must not inherit (and flush) this buffer
       for (std::int64_t r = 0; r < world; ++r) {
         const pid_t pid = ::fork();
         if (pid == 0) {
@@ -169,16 +175,16 @@ int main(int argc, char** argv) {
       std::ifstream in(out_path);
       std::string tag;
       long long w = 0, bytes = 0, analytic = 0, calls = 0, tokens = 0;
-      double seconds = 0;
-      in >> tag >> w >> bytes >> analytic >> calls >> tokens >> seconds;
+      double seconds = 0, cpu = 0;
+      in >> tag >> w >> bytes >> analytic >> calls >> tokens >> seconds >> cpu;
       std::remove(out_path.c_str());
       if (failed || tag != "RESULT") {
         std::cerr << "bench_sequence_parallel: the " << world << "-rank job failed\n";
         return 1;
       }
       if (world == o.worlds.front()) base = seconds;
-      std::printf("%6lld %8lld %16lld %16lld %12lld %14.4f %10.2f\n", w, tokens, bytes, analytic, calls, seconds,
-                  base / seconds);
+      std::printf("%6lld %8lld %16lld %16lld %12lld %12.4f %10.2f %16.4f\n", w, tokens, bytes, analytic, calls, seconds,
+                  base / seconds, cpu);
     }
   } catch (const std::exception& e) {
     std::cerr << "bench_sequence_parallel: " << e.what() << "\n";
