@@ -53,15 +53,17 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     // The validation layer: every option value, input and output path, the model's configs and
     // the memory estimate, before any model loads.
     const std::vector<std::string> prompts = resolve_prompts(o->long_video);
+    // torchrun / vdit launch: the environment names this process's rank; checked before
+    // anything loads. On GPUs each local rank takes its own device (--device cuda -> cuda:LOCAL_RANK).
+    const DistributedEnv dist_env = read_distributed_env();
+    const auto dist_timeout = distributed_timeout(global.dist_timeout);
+    if (dist_env.world_size > 1 && global.device == "cuda") global.device = "cuda:" + std::to_string(dist_env.local_rank);
     CheckedRun run = check_run(*cmd, global, o->model, o->sampling, o->guidance, &o->init, &o->output, RunNeeds{},
                                builtin_model_dir());
     const std::string windows_line =
         apply_long_video(o->long_video, prompts, trained_frames(run.model_dir),
                          run.pipeline->latent_geometry().temporal_stride, run.settings);
-    // torchrun / vdit launch: the environment names this process's rank; checked before the
-    // rendezvous, which comes after every input check so bad input still exits 2 on every rank.
-    const DistributedEnv dist_env = read_distributed_env();
-    const auto dist_timeout = distributed_timeout(global.dist_timeout);
+    // The rendezvous comes after every input check, so bad input exits 2 on every rank at once.
     check_ulysses_heads(run.pipeline->dit_config().num_heads, dist_env.world_size);
     run.pipeline->validate(run.settings);
     std::shared_ptr<DistributedGroup> group;
