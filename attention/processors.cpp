@@ -87,13 +87,13 @@ at::Tensor HeadPerturbation::process(const AttentionSite& site, const at::Tensor
   if (!enabled_ || site.kind != AttentionKind::Self) return inner(site, q, k, v, call);
   const std::int64_t B = q.size(0), H = q.size(1);
   const std::vector<std::int64_t> rows = site.rows_in(roles_, B);
-  // This call's heads are the global heads [head_offset, head_offset + H).
+  // This call's heads are the global heads [head_offset, head_offset + H). Heads outside it are
+  // another call's: a sequence-parallel rank holds a slice, and rank 0's slice also starts at 0,
+  // so a head past this call is not an error here (head sets are checked against the model's
+  // head count when they are parsed: check_head_set).
   std::vector<std::pair<std::int64_t, double>> heads;  // (local head, u)
   for (auto it = weights_.lower_bound({site.layer, 0}); it != weights_.end() && it->first.first == site.layer; ++it) {
     const std::int64_t local = it->first.second - site.head_offset;
-    if (local >= H && site.head_offset == 0)
-      throw InputError("SoftPAG: head " + std::to_string(it->first.second) + " of layer " + std::to_string(site.layer) +
-                       " does not exist (the layer has " + std::to_string(H) + " heads)");
     if (local >= 0 && local < H) heads.emplace_back(local, it->second);
   }
   if (heads.empty() || rows.empty()) return inner(site, q, k, v, call);

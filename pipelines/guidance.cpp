@@ -109,6 +109,7 @@ at::Tensor DiTDenoiser::forward(WanDiTImpl& model, const at::Tensor& x, const at
                                 const std::vector<RowRole>& roles, const StepInfo& step) {
   const bool main = &model == &dit_;
   DiTCall call = main ? options_.call : DiTCall{};
+  call.sequence_parallel = options_.call.sequence_parallel;  // the guide DiT runs sharded too
   if (main) call.processors = options_.processors;
   call.step = &step;
   call.row_roles = roles;

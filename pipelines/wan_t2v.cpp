@@ -1,6 +1,7 @@
 #include "vdit/pipelines/wan_t2v.h"
 
 #include "vdit/common.h"
+#include "vdit/distributed.h"
 #include "vdit/io/checkpoint.h"
 #include "vdit/models/umt5.h"
 #include "vdit/models/wan_dit.h"
@@ -311,6 +312,7 @@ void WanT2VPipeline::validate(const T2VSettings& settings) {
   validate_t2v_settings(settings, latent_geometry());
   if (settings.autoguidance != 1.0 && options_.guide_dit.empty()) throw InputError(kNeedsGuideDit);
   check_guidance_terms(settings, dit_config());
+  if (options_.distributed) check_ulysses_heads(dit_config().num_heads, options_.distributed->world_size());
   if (settings.cfg_zero_star && make_sampler_for(settings)->config().prediction != ModelPrediction::Velocity)
     throw InputError("--cfg-zero-star is defined on velocities; this model predicts the clean sample");
 }
@@ -359,6 +361,11 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
     return model.encode_text(fitted.to(options_.device).unsqueeze(0));
   };
   DiTDenoiser::Options denoiser_options;
+  std::optional<SequenceParallel> sequence_parallel;
+  if (options_.distributed && options_.distributed->world_size() > 1) {
+    sequence_parallel.emplace(options_.distributed);
+    denoiser_options.call.sequence_parallel = &*sequence_parallel;
+  }
   denoiser_options.batch_passes = settings.batch_guidance;
   denoiser_options.prediction = stepper.sampler().config().prediction;
   // PAG: the perturbed rows' heads interpolated towards the identity; SLG: its rows skip blocks.
@@ -446,7 +453,15 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
   const auto n_prompts = prompts.size();
   const bool guided = settings.guidance != 1.0;
   if (guided) prompts.push_back(negative);
-  auto contexts = encode_prompts(prompts);
+  // Sequence parallel: the text encoder runs once, on rank 0, and its outputs are broadcast.
+  DistributedGroup* group = options_.distributed && options_.distributed->world_size() > 1 ? options_.distributed.get() : nullptr;
+  std::vector<at::Tensor> contexts;
+  if (!group || group->is_main()) contexts = encode_prompts(prompts);
+  if (group) {
+    const auto t_text = std::chrono::steady_clock::now();
+    broadcast_tensors(*group, contexts, options_.device);
+    times_.text += seconds_since(t_text);
+  }
   std::vector<at::Tensor> segment_contexts;
   if (segmented) segment_contexts.assign(contexts.begin(), contexts.begin() + static_cast<std::ptrdiff_t>(n_prompts));
 
@@ -467,7 +482,8 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
   T2VResult result;
   result.latents = denoise(noise, contexts[0], guided ? contexts[n_prompts] : contexts[0], settings, on_step, clean, segment_contexts);
   release_dit();
-  result.video = decode(result.latents);
+  // Every rank holds the same latents (the DiT output is gathered each step); rank 0 decodes.
+  if (!group || group->is_main()) result.video = decode(result.latents);
   result.times = times_;
 
   auto sampler = make_sampler_for(settings);

@@ -6,6 +6,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake pkg-config ccache
   libtorch-dev libopenblas0-pthread
+  libgloo-dev
   libavformat-dev libavcodec-dev libswscale-dev libavutil-dev ffmpeg
   libstb-dev libcli11-dev catch2 nlohmann-json3-dev
   libsentencepiece-dev sentencepiece

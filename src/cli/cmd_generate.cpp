@@ -5,6 +5,7 @@
 #include "option_groups.h"
 
 #include "vdit/common.h"
+#include "vdit/distributed.h"
 #include "vdit/pipelines/wan_t2v.h"
 #include "vdit/progress.h"
 
@@ -52,12 +53,27 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     // The validation layer: every option value, input and output path, the model's configs and
     // the memory estimate, before any model loads.
     const std::vector<std::string> prompts = resolve_prompts(o->long_video);
+    // torchrun / vdit launch: the environment names this process's rank; checked before
+    // anything loads. On GPUs each local rank takes its own device (--device cuda -> cuda:LOCAL_RANK).
+    const DistributedEnv dist_env = read_distributed_env();
+    const auto dist_timeout = distributed_timeout(global.dist_timeout);
+    if (dist_env.world_size > 1 && global.device == "cuda") global.device = "cuda:" + std::to_string(dist_env.local_rank);
     CheckedRun run = check_run(*cmd, global, o->model, o->sampling, o->guidance, &o->init, &o->output, RunNeeds{},
                                builtin_model_dir());
     const std::string windows_line =
         apply_long_video(o->long_video, prompts, trained_frames(run.model_dir),
                          run.pipeline->latent_geometry().temporal_stride, run.settings);
+    // The rendezvous comes after every input check, so bad input exits 2 on every rank at once.
+    check_ulysses_heads(run.pipeline->dit_config().num_heads, dist_env.world_size);
     run.pipeline->validate(run.settings);
+    std::shared_ptr<DistributedGroup> group;
+    if (dist_env.world_size > 1) {
+      group = DistributedGroup::create(dist_env, dist_timeout, run.options.device);
+      run.pipeline->set_distributed(group);
+      if (group->is_main())
+        log_info("sequence parallel: " + std::to_string(group->world_size()) + " ranks (" + group->backend() + ", Ulysses)");
+    }
+    const bool main_rank = !group || group->is_main();
 
     std::map<std::string, std::string> extra;
     if (run.settings.init_video.defined()) {
@@ -65,12 +81,13 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
       extra["strength"] = number_text(run.settings.strength);
     }
 
-    log_info("vdit: " + std::to_string(run.settings.width) + "x" + std::to_string(run.settings.height) + ", " +
+    if (main_rank) log_info("vdit: " + std::to_string(run.settings.width) + "x" + std::to_string(run.settings.height) + ", " +
              std::to_string(run.settings.frames) + " frames, " + run.settings.sampler + ", model " +
              (run.model_dir.empty() ? run.files.dit.front() : run.model_dir));
-    if (!windows_line.empty()) log_info(windows_line);
+    if (!windows_line.empty() && main_rank) log_info(windows_line);
     std::unique_ptr<ProgressBar> bar;
     T2VResult result = run.pipeline->generate(run.settings, [&](int done, int total) {
+      if (!main_rank) return;  // one progress bar per job
       if (!bar) bar = std::make_unique<ProgressBar>("denoise", total);
       bar->update(done);
     });
@@ -81,7 +98,9 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
     summary << "time: text " << format_duration(t.text) << ", load " << format_duration(t.load) << ", denoise "
             << format_duration(t.denoise) << ", decode " << format_duration(t.decode) << "; peak memory "
             << format_bytes(static_cast<double>(peak_rss_bytes())) << " (estimated " << format_bytes(run.memory.total) << ")";
+    if (!main_rank) return;  // rank 0 writes the output
     log_info(summary.str());
+    if (group) extra["sequence_parallel"] = std::to_string(group->world_size()) + " ranks (" + group->backend() + ", Ulysses)";
     write_outputs(*run.outputs, result, extra);
   });
 }

@@ -15,16 +15,24 @@ struct GlobalOptions {
   int threads = 0;          // 0: all cores
   bool verbose = false;
   bool quiet = false;
+  double dist_timeout = -1;  // seconds; negative: VDIT_DIST_TIMEOUT or 300 (vdit/distributed.h)
 };
 
 // Every register function adds its subcommand to `app` and sets its callback; the callback runs
 // after global options are applied (threads, log level) and may throw vdit::InputError (exit 2)
 // or anything else (exit 1).
+// Thrown by a callback that ran to its end but must exit with `code` (vdit launch: the failing
+// rank's); main returns it without a message.
+struct ExitStatus {
+  int code;
+};
+
 void register_info_command(CLI::App& app, GlobalOptions& global);
 void register_generate_command(CLI::App& app, GlobalOptions& global);
 void register_bench_command(CLI::App& app, GlobalOptions& global);
 void register_eval_command(CLI::App& app, GlobalOptions& global);
 void register_train_demo_command(CLI::App& app, GlobalOptions& global);
 void register_heads_command(CLI::App& app, GlobalOptions& global);
+void register_launch_command(CLI::App& app, GlobalOptions& global);
 
 }  // namespace vdit::cli

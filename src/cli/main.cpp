@@ -79,6 +79,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("-v,--verbose", global.verbose, "Verbose logging");
   app.add_flag("--quiet", global.quiet, "Only errors");
+  app.add_option("--dist-timeout", global.dist_timeout,
+                 "Seconds a rank of a multi-process job (torchrun, vdit launch) waits for its peers before failing "
+                 "(default: VDIT_DIST_TIMEOUT or 300)");
 
   app.parse_complete_callback([&] {
     vdit::set_log_level(global.quiet ? vdit::LogLevel::Quiet : global.verbose ? vdit::LogLevel::Verbose : vdit::LogLevel::Info);
@@ -96,6 +99,7 @@ int main(int argc, char** argv) {
   vdit::cli::register_eval_command(app, global);
   vdit::cli::register_train_demo_command(app, global);
   vdit::cli::register_heads_command(app, global);
+  vdit::cli::register_launch_command(app, global);
 
   try {
     app.parse(argc, argv);
@@ -115,6 +119,8 @@ int main(int argc, char** argv) {
     std::string what = e.what();
     std::cerr << "vdit: error: " << what.substr(0, what.find('\n')) << " (see vdit --help)" << std::endl;
     return 2;
+  } catch (const vdit::cli::ExitStatus& e) {
+    return e.code;
   } catch (const vdit::InputError& e) {
     std::cerr << "vdit: error: " << e.what() << std::endl;
     return 2;

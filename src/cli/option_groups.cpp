@@ -281,6 +281,8 @@ void check_global_options(const GlobalOptions& global) {
                      std::to_string(max_threads()) + " (4 per core)");
   parse_device(global.device);
   if (!global.dtype.empty()) parse_dtype(global.dtype);
+  if (global.dist_timeout != -1 && !(global.dist_timeout > 0 && global.dist_timeout <= 1e7))
+    throw InputError("--dist-timeout must be a positive number of seconds (at most 1e7)");
 }
 
 namespace {

@@ -4,6 +4,7 @@
 #include "vdit/models/wan_dit.h"
 
 #include "vdit/common.h"
+#include "vdit/distributed.h"
 #include "vdit/io/checkpoint.h"
 
 #include <nlohmann/json.hpp>
@@ -690,7 +691,17 @@ at::Tensor AttentionImpl::self_attention(const at::Tensor& x, int layer, const B
   call.scale = ctx.self_attn_scale;
   call.grid = ctx.grid;
   call.window = ctx.call->self_attn_window;
-  const AttentionSite site = ctx.site(layer, AttentionKind::Self);
+  AttentionSite site = ctx.site(layer, AttentionKind::Self);
+  const SequenceParallel* sp = ctx.call->sequence_parallel;
+  if (sp && sp->world_size() > 1) {
+    // Ulysses: x holds this rank's N tokens (a shard); attention runs on all tokens of this
+    // rank's heads, over the global grid, and the output goes back to the token shard.
+    const std::int64_t tokens = ctx.grid.numel();
+    site.head_offset = sp->rank() * (num_heads / sp->world_size());
+    const at::Tensor out = attend(site, sp->tokens_to_heads(qa, tokens), sp->tokens_to_heads(ka, tokens),
+                                  sp->tokens_to_heads(va, tokens), call, ctx);  // [B, heads/W, tokens, D]
+    return o->forward(sp->heads_to_tokens(out, tokens).transpose(1, 2).reshape({B, N, dim}));
+  }
   const at::Tensor out = attend(site, qa, ka, va, call, ctx);  // [B, heads, N, D]
   return o->forward(out.transpose(1, 2).reshape({B, N, dim}));
 }
@@ -900,14 +911,24 @@ at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const W
   }
 
   const Grid3 grid{x.size(2) / c.patch_size[0], x.size(3) / c.patch_size[1], x.size(4) / c.patch_size[2]};
-  const std::int64_t N = grid.numel();
+  const std::int64_t tokens = grid.numel();
 
   // Patch embedding in the compute dtype (the residual stream becomes f32 at the first update).
-  at::Tensor h = patch_embedding->forward(x);  // [B, N, dim]
+  at::Tensor h = patch_embedding->forward(x);  // [B, tokens, dim]
   if (capture) {
     (*capture)["patch_embedding"] =
         h.detach().to(at::kFloat).transpose(1, 2).reshape({B, c.dim, grid.t, grid.h, grid.w}).clone();
   }
+  // Sequence parallel: from here to the head this rank holds N = ceil(tokens / W) tokens.
+  const SequenceParallel* sp =
+      call.sequence_parallel && call.sequence_parallel->world_size() > 1 ? call.sequence_parallel : nullptr;
+  if (sp) {
+    check_ulysses_heads(c.num_heads, sp->world_size());
+    h = sp->shard_tokens(h);
+  }
+  const std::int64_t N = h.size(1);
+  // The residual stream of every real token, for a capture.
+  const auto whole = [&](const at::Tensor& part) { return sp ? sp->gather_tokens(part, tokens) : part; };
 
   // Timestep embedding: float64 sinusoid, f32 MLP.
   at::Tensor t_batch = t.reshape({-1}).to(device);
@@ -931,6 +952,7 @@ at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const W
   wan::BlockContext ctx;
   ctx.grid = grid;
   auto rope = wan_rope_for_grid(c.head_dim(), grid, device, call.position_offset);
+  if (sp) rope = {sp->shard_tokens(rope.first.unsqueeze(0)).squeeze(0), sp->shard_tokens(rope.second.unsqueeze(0)).squeeze(0)};
   ctx.rope_cos = rope.first.view({1, N, 1, c.head_dim() / 2}).to(rope_dtype);
   ctx.rope_sin = rope.second.view({1, N, 1, c.head_dim() / 2}).to(rope_dtype);
   ctx.cond = text;
@@ -971,11 +993,12 @@ at::Tensor WanDiTImpl::forward(const at::Tensor& x, const at::Tensor& t, const W
       const at::Tensor index = at::tensor(skip, at::TensorOptions().dtype(at::kLong).device(device));
       h = out.index_copy(0, index, in.index_select(0, index).to(out.scalar_type()));
     }
-    if (capture) (*capture)["block" + std::to_string(layer) + "_out"] = h.detach().to(at::kFloat).clone();
+    if (capture) (*capture)["block" + std::to_string(layer) + "_out"] = whole(h.detach().to(at::kFloat)).clone();
     ++layer;
   }
 
-  const at::Tensor out = head->forward(h, e);  // [B, N, p*q*r*out_dim]
+  // The head is per token: on a shard it runs on the shard and its (smaller) output is gathered.
+  const at::Tensor out = whole(head->forward(h, e));  // [B, tokens, p*q*r*out_dim]
   if (capture) (*capture)["head_out"] = out.detach().clone();
 
   // Unpatchify: each token's features are ordered (p, q, r, c) with c fastest.

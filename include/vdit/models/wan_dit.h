@@ -27,6 +27,7 @@
 namespace vdit {
 
 class WeightFile;
+class SequenceParallel;  // vdit/distributed.h
 
 // DiT hyper-parameters, spelled as in the original config.json (WanModel's constructor).
 // The defaults are the 1.3B model's.
@@ -206,6 +207,10 @@ struct DiTCall {
   // "time_embedding_e" [B,dim], "time_projection_e0" [B,6,dim], "block<i>_out" [B,N,dim],
   // "head_out" [B,N,prod(patch)*out_dim].
   std::map<std::string, at::Tensor>* capture = nullptr;
+  // Sequence parallelism (Ulysses, vdit/distributed.h): with a group of more than one process,
+  // this process keeps its shard of the tokens after patch embedding, self-attention trades
+  // tokens for heads by all-to-all, and the output is gathered. Null: the whole sequence here.
+  const SequenceParallel* sequence_parallel = nullptr;
 };
 
 namespace wan {

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -104,6 +105,8 @@ at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t se
 // The seed of a stochastic sampler's (euler-a) per-step noise for a run of seed `seed`.
 std::uint64_t sampler_noise_seed(std::uint64_t seed);
 
+class DistributedGroup;  // vdit/distributed.h
+
 struct WanT2VOptions {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;          // DiT and text-encoder compute dtype
@@ -114,6 +117,10 @@ struct WanT2VOptions {
   // latent channels, patch and text width, and predict what it predicts (the model's scheduler
   // config says which; Wan2.1 1.3B can guide 14B).
   std::string guide_dit;
+  // Sequence parallelism over this process group (null or one process: off). Text is encoded on
+  // rank 0 and broadcast, every rank draws the same seeded noise, the DiT runs token-sharded;
+  // only rank 0 decodes (result.video stays undefined on the other ranks).
+  std::shared_ptr<DistributedGroup> distributed;
 };
 
 struct StageTimes {
@@ -133,6 +140,8 @@ using StepCallback = std::function<void(int, int)>;
 class WanT2VPipeline {
  public:
   WanT2VPipeline(WanModelFiles files, WanT2VOptions options);
+  // Runs the next generate() over `group` (WanT2VOptions::distributed).
+  void set_distributed(std::shared_ptr<DistributedGroup> group) { options_.distributed = std::move(group); }
 
   // Loads the text encoder, encodes, releases it: one [L_i, text_dim] f32 tensor per prompt.
   std::vector<at::Tensor> encode_prompts(const std::vector<std::string>& prompts);
