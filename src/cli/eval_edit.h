@@ -4,6 +4,8 @@
 #include "commands.h"
 #include "option_groups.h"
 
+#include "vdit/pipelines/prompt_edit.h"
+
 #include <string>
 
 namespace vdit::cli {
@@ -11,7 +13,7 @@ namespace vdit::cli {
 struct EditEvalOptions {
   bool enabled = false;           // --edit
   std::string attributes = "colour,shape,direction";  // --edit-attributes
-  double cross_replace = 0.8, self_replace = 0.4;
+  double cross_replace = EditControls{}.cross_replace, self_replace = EditControls{}.self_replace;
   bool blend = false;             // --edit-blend: local blend on the swapped words
   bool real = false;              // --edit-real: rendered clips inverted (both methods) and regenerated
   int inversion_iterations = 3;

@@ -79,7 +79,10 @@ TokenAlignment align_prompts(const PromptTokens& source, const PromptTokens& tar
 // ------------------------------------------------------------------------------ edit controls
 
 struct EditControls {
-  double cross_replace = 0.8;  // steps with index < floor(f * steps) use the source's cross maps
+  // Defaults chosen on the demo model with dev seeds (docs/edit.md): longer cross windows lose the object.
+  // The defaults were chosen on the demo model with dev seeds (docs/edit.md): there, longer cross
+  // windows lose the object.
+  double cross_replace = 0.3;  // steps with index < floor(f * steps) use the source's cross maps
   double self_replace = 0.4;   // steps with index < floor(f * steps) use the source's self maps
   std::set<int> layers;        // DiT blocks edited (cross and self); empty: all
   std::vector<std::pair<std::string, double>> reweight;  // target word -> factor on its attention
