@@ -317,6 +317,11 @@ void WanT2VPipeline::validate(const T2VSettings& settings) {
     throw InputError("--cfg-zero-star is defined on velocities; this model predicts the clean sample");
 }
 
+WanDiTImpl& WanT2VPipeline::loaded_dit() {
+  load_dit();
+  return *dit_;
+}
+
 void WanT2VPipeline::release_dit() {
   dit_.reset();
   guide_dit_.reset();

@@ -6,6 +6,7 @@
 // DiT on that VAE can reach.
 #include "cli_common.h"
 #include "commands.h"
+#include "eval_edit.h"
 #include "long_video_options.h"
 #include "option_groups.h"
 
@@ -492,7 +493,15 @@ void register_eval_command(CLI::App& app, GlobalOptions& global) {
   cmd->footer("Model: default " + default_model_dir() +
               ". Sampling and guidance defaults: the model's vdit-demo.json, else the values shown. Sizes: at least "
               "32x32 (the judge's domain).");
-  cmd->callback([o, cmd, &global] { run_eval_shapes(*o, *cmd, global); });
+  auto edit = std::make_shared<EditEvalOptions>();
+  add_edit_eval_options(*cmd, *edit);
+  cmd->callback([o, edit, cmd, &global] {
+    if (!edit->enabled) return run_eval_shapes(*o, *cmd, global);
+    if (o->render_only || o->round_trip || o->strength != 1.0 || o->long_factor > 1 || o->json || !o->save_dir.empty())
+      throw InputError("--edit excludes --render-only, --round-trip, --strength, --long, --json and --save-dir");
+    run_eval_edit(*edit, o->model, o->sampling, o->guidance, o->clips,
+                  o->model.model.empty() ? default_model_dir() : o->model.model, *cmd, global);
+  });
 }
 
 }  // namespace vdit::cli

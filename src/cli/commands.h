@@ -33,6 +33,7 @@ void register_bench_command(CLI::App& app, GlobalOptions& global);
 void register_eval_command(CLI::App& app, GlobalOptions& global);
 void register_train_demo_command(CLI::App& app, GlobalOptions& global);
 void register_heads_command(CLI::App& app, GlobalOptions& global);
+void register_edit_command(CLI::App& app, GlobalOptions& global);
 void register_launch_command(CLI::App& app, GlobalOptions& global);
 
 }  // namespace vdit::cli

@@ -167,6 +167,8 @@ class WanT2VPipeline {
 
   void release_dit();
   void release_vae();
+  // The DiT, loaded if needed, for pipelines that drive the loop themselves (vdit edit).
+  WanDiTImpl& loaded_dit();
   // The sampler this pipeline would use for `settings` (scheduler config honoured).
   std::unique_ptr<FlowSampler> make_sampler_for(const T2VSettings& settings) const;
   // The guidance terms of `settings`: CFG or CFG-Zero* (guidance != 1), autoguidance
