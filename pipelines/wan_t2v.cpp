@@ -161,9 +161,8 @@ std::string number_text(double value) {
 }
 }  // namespace
 
-namespace {
 // The guidance terms beyond CFG, for the metadata: CFG-Zero*, PAG's head set, SLG's blocks.
-std::string guidance_text(const T2VSettings& s) {
+std::string guidance_terms_text(const T2VSettings& s) {
   std::string out;
   const auto add = [&](const std::string& part) { out += (out.empty() ? "" : "; ") + part; };
   if (s.cfg_zero_star && s.guidance != 1.0) add("cfg-zero* (zero-init " + (s.cfg_zero_init_steps < 0 ? std::string("4%") : std::to_string(s.cfg_zero_init_steps)) + ")");
@@ -181,7 +180,6 @@ std::string guidance_text(const T2VSettings& s) {
   }
   return out.empty() ? "none" : out;
 }
-}  // namespace
 
 std::uint64_t sampler_noise_seed(std::uint64_t seed) {
   // A stream apart from the initial noise's: clip i of an eval run uses seed + i, so seed + 1 here
@@ -504,7 +502,7 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       {"shift", number_text(shift)},
       {"guidance", number_text(settings.guidance)},
       {"autoguidance", settings.autoguidance != 1.0 ? number_text(settings.autoguidance) + " (guide " + options_.guide_dit + ")" : "off"},
-      {"guidance_terms", guidance_text(settings)},
+      {"guidance_terms", guidance_terms_text(settings)},
       {"model", files_.root.empty() ? files_.dit.front() : files_.root},
       {"software", "vdit"},
   };

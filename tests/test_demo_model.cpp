@@ -42,6 +42,17 @@ TEST_CASE("the built-in demo model meets the 12-clip judge floor", "[demo]") {
   CHECK(all * 12 >= 7 - 1e-9);
 }
 
+TEST_CASE("eval shapes --json records the guidance terms it judged", "[demo][pag]") {
+  std::string plain, pag;
+  REQUIRE(run_vdit("--quiet eval shapes --clips 1 --steps 2 --json", plain, false) == 0);
+  REQUIRE(run_vdit("--quiet eval shapes --clips 1 --steps 2 --json --pag-heads 2:0,1 --pag-scale 0.5", pag, false) == 0);
+  INFO(plain << pag);
+  CHECK(nlohmann::json::parse(plain)["guidance_terms"] == "none");
+  const std::string terms = nlohmann::json::parse(pag)["guidance_terms"].get<std::string>();
+  CHECK(terms.find("pag scale 0.5") != std::string::npos);
+  CHECK(terms.find("heads") != std::string::npos);
+}
+
 TEST_CASE("the built-in demo model's VAE round-trips rendered clips", "[demo]") {
   // The VAE alone (no DiT): colour and motion come back on every clip; shape is its weak point
   // (71 % over the 100 clips, seed 1000), so the floor here is loose.

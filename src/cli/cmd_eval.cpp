@@ -373,6 +373,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
         metadata["sampler"] = sampler;
         if (sampler == "euler-a") metadata["eta"] = number_text(settings.eta);
         metadata["guidance"] = number_text(settings.guidance);
+        metadata["guidance_terms"] = guidance_terms_text(settings);
         if (shift) metadata["shift"] = number_text(*shift);
       }
       write_contact_sheet(video, (fs::path(o.save_dir) / sheet_name(i)).string(), metadata, 0, o.overwrite);
@@ -437,6 +438,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
       j["steps"] = steps;
       if (o.strength < 1.0) j["strength"] = o.strength;
       j["guidance"] = settings.guidance;
+      j["guidance_terms"] = guidance_terms_text(settings);
       j["sampler"] = sampler;
       if (sampler == "euler-a") j["eta"] = settings.eta;
       // null: the scheduler config's flow_shift.

@@ -104,6 +104,9 @@ std::vector<std::int64_t> t2v_latent_shape(const T2VSettings& settings, const La
 at::Tensor seeded_noise(const std::vector<std::int64_t>& shape, std::uint64_t seed);
 // The seed of a stochastic sampler's (euler-a) per-step noise for a run of seed `seed`.
 std::uint64_t sampler_noise_seed(std::uint64_t seed);
+// The guidance terms beyond CFG as one line ("none", or "cfg-zero* ...; pag scale ... heads ...;
+// slg ..."): what a run's metadata and eval's JSON record.
+std::string guidance_terms_text(const T2VSettings& settings);
 
 class DistributedGroup;  // vdit/distributed.h
 
