@@ -96,6 +96,7 @@ int main(int argc, char** argv) {
   vdit::cli::register_eval_command(app, global);
   vdit::cli::register_train_demo_command(app, global);
   vdit::cli::register_heads_command(app, global);
+  vdit::cli::register_upscale_command(app, global);
 
   try {
     app.parse(argc, argv);
