@@ -45,8 +45,7 @@ void add_hires_options(CLI::App& cmd, HiresCliOptions& o, const std::string& str
   cmd.add_option("--window", o.window,
                  "Window override in tokens T,H,W (0: the whole axis; default 0 and 2*floor(base tokens/2)+1 per side)");
   cmd.add_option("--attn-scale-factor", o.attn_scale_factor,
-                 "Multiplies 1/sqrt(head_dim) in self-attention (FreeSwim's 1.04608; 1: off)")
-      ->capture_default_str();
+                 "Multiplies 1/sqrt(head_dim) in self-attention (default FreeSwim's 1.04608; 1: off)");
   cmd.add_option("--cross-cache-every", o.cross_cache_every,
                  "freeswim: recompute the full path's cross-attention every N steps (0: every step, no cache)")
       ->capture_default_str();
