@@ -14,6 +14,7 @@
 // each worker with single-threaded GEMMs and its own buffers. The alternative, one multi-threaded
 // GEMM at a time, synchronises all cores twice per block; on a shared 2-core machine one stalled
 // core then stalls every block, and small GEMMs do not scale anyway.
+#include <c10/core/InferenceMode.h>
 #include "attention_internal.h"
 
 #include <ATen/Parallel.h>
@@ -508,6 +509,15 @@ void run_workers(int workers, const std::function<void(int worker)>& body) {
     return;
   }
   BlasSingleThreaded blas_guard;
+  // InferenceMode is thread-local: a caller's mode must hold in the workers too, or writing into
+  // the caller's (inference) output tensors there is refused.
+  if (c10::InferenceMode::is_enabled()) {
+    WorkerPool::instance().run(workers, [&body](int w) {
+      c10::InferenceMode inference;
+      body(w);
+    });
+    return;
+  }
   WorkerPool::instance().run(workers, body);
 }
 

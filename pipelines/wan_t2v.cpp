@@ -227,13 +227,17 @@ std::vector<at::Tensor> WanT2VPipeline::encode_prompts(const std::vector<std::st
   c10::InferenceMode guard;
   const auto t0 = std::chrono::steady_clock::now();
   const at::Device device = options_.text_encoder_device ? *options_.text_encoder_device : options_.device;
+  // Sequence parallel: the text encoder runs once, on rank 0, and its outputs are broadcast (every
+  // rank of a job calls this collectively, as every rank runs the same command).
+  DistributedGroup* group = options_.distributed && options_.distributed->world_size() > 1 ? options_.distributed.get() : nullptr;
   std::vector<at::Tensor> out;
-  {
+  if (!group || group->is_main()) {
     log_verbose("loading text encoder " + files_.text_encoder);
     TextEncoder encoder = TextEncoder::from_files(files_.text_encoder, files_.tokenizer, options_.dtype, device);
     out = encoder.encode(prompts);
     for (auto& t : out) t = t.to(options_.device, at::kFloat);
   }  // the encoder is released here, before the DiT is loaded
+  if (group) broadcast_tensors(*group, out, options_.device);
   times_.text += seconds_since(t0);
   return out;
 }
@@ -313,6 +317,18 @@ void WanT2VPipeline::validate(const T2VSettings& settings) {
   if (options_.distributed) check_ulysses_heads(dit_config().num_heads, options_.distributed->world_size());
   if (settings.cfg_zero_star && make_sampler_for(settings)->config().prediction != ModelPrediction::Velocity)
     throw InputError("--cfg-zero-star is defined on velocities; this model predicts the clean sample");
+  if (settings.hires) {
+    // The dual path owns the attention processors and the DiT call: the terms that need their
+    // own (PAG, SLG, a guide model, temporal windows) are not combined with it.
+    if (settings.windows) throw InputError("hi-res refinement does not combine with long-video context windows");
+    if (pag_enabled(settings) || slg_enabled(settings) || settings.autoguidance != 1.0)
+      throw InputError("hi-res refinement does not combine with PAG, skip-layer guidance or autoguidance");
+    if (settings.hires->cross_cache_every < 0)
+      throw InputError("--cross-cache-every must be 0 (no cache) or more (got " +
+                       std::to_string(settings.hires->cross_cache_every) + ")");
+    if (!(std::isfinite(settings.hires->attn_scale_factor) && settings.hires->attn_scale_factor > 0))
+      throw InputError("--attn-scale-factor must be a positive number");
+  }
 }
 
 WanDiTImpl& WanT2VPipeline::loaded_dit() {
@@ -394,6 +410,17 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   // Long video: the guided DiT on temporal windows, each window with its segment's prompt (one
   // DiTDenoiser per segment: the same DiT, guidance and other conditions, its own Cond).
   Denoiser* active = &denoiser;
+  // Hi-res: the FreeSwim dual path (or an ablation) on the same DiT, guidance and prompts.
+  std::unique_ptr<FreeSwimDenoiser> hires;
+  if (settings.hires) {
+    hires = std::make_unique<FreeSwimDenoiser>(*dit_, guidance_for(settings), denoiser_options, *settings.hires);
+    hires->set_condition(RowRole::Cond, cond);
+    if (settings.guidance != 1.0) hires->set_condition(RowRole::Uncond, embed(*dit_, context_null));
+    const Grid3 grid{noise.size(1), noise.size(2) / dit_->config.patch_size[1], noise.size(3) / dit_->config.patch_size[2]};
+    if (settings.hires->method != HiresMethod::Direct)
+      for (const auto& note : window_clamp_notes(settings.hires->window, grid)) log_verbose("hi-res: " + note);
+    active = hires.get();
+  }
   std::vector<std::unique_ptr<DiTDenoiser>> segments;
   std::unique_ptr<TemporalWindowDenoiser> windowed;
   if (settings.windows) {
@@ -417,6 +444,9 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   ProgressHook progress(on_step);
   const at::Tensor x = run_flow(start, stepper, *active, {&progress});
   times_.denoise += seconds_since(t0);
+  if (hires && settings.hires->method == HiresMethod::FreeSwim)
+    log_verbose("hi-res: " + std::to_string(hires->full_path_forwards()) + " full-path forwards, cross-attention cache peak " +
+                std::to_string(hires->peak_cache_bytes()) + " bytes");
   return x.squeeze(0).to(at::kCPU);
 }
 
@@ -436,9 +466,9 @@ at::Tensor WanT2VPipeline::decode(const at::Tensor& latent) {
   return video.squeeze(0).to(at::kCPU);
 }
 
-T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
-  const LatentGeometry& geometry = latent_geometry();
-  validate(settings);
+namespace {
+
+void check_init_video(const T2VSettings& settings) {
   if (settings.strength < 1.0 && !settings.init_video.defined())
     throw InputError("--strength below 1 needs an input (--init)");
   if (settings.init_video.defined()) {
@@ -449,22 +479,38 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       throw InputError(msg.str());
     }
   }
+}
+
+}  // namespace
+
+T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallback& on_step) {
+  validate(settings);
+  check_init_video(settings);
   times_ = StageTimes{};
-  const std::string negative = settings.negative_prompt.value_or(kWanDefaultNegativePrompt);
+  return generate_encoded(settings, encode_prompts(prompts_of(settings)), on_step);
+}
+
+std::vector<std::string> WanT2VPipeline::prompts_of(const T2VSettings& settings) const {
   const bool segmented = settings.windows && settings.segment_prompts.size() > 1;
   std::vector<std::string> prompts = segmented ? settings.segment_prompts : std::vector<std::string>{settings.prompt};
-  const auto n_prompts = prompts.size();
+  if (settings.guidance != 1.0) prompts.push_back(settings.negative_prompt.value_or(kWanDefaultNegativePrompt));
+  return prompts;
+}
+
+T2VResult WanT2VPipeline::generate_encoded(const T2VSettings& settings, const std::vector<at::Tensor>& contexts,
+                                           const StepCallback& on_step) {
+  const LatentGeometry& geometry = latent_geometry();
+  validate(settings);
+  check_init_video(settings);
+  const StageTimes text_times{times_.text, 0, 0, 0};
+  times_ = text_times;
+  const std::string negative = settings.negative_prompt.value_or(kWanDefaultNegativePrompt);
+  const bool segmented = settings.windows && settings.segment_prompts.size() > 1;
   const bool guided = settings.guidance != 1.0;
-  if (guided) prompts.push_back(negative);
-  // Sequence parallel: the text encoder runs once, on rank 0, and its outputs are broadcast.
-  DistributedGroup* group = options_.distributed && options_.distributed->world_size() > 1 ? options_.distributed.get() : nullptr;
-  std::vector<at::Tensor> contexts;
-  if (!group || group->is_main()) contexts = encode_prompts(prompts);
-  if (group) {
-    const auto t_text = std::chrono::steady_clock::now();
-    broadcast_tensors(*group, contexts, options_.device);
-    times_.text += seconds_since(t_text);
-  }
+  const std::size_t n_prompts = segmented ? settings.segment_prompts.size() : 1;
+  if (contexts.size() != n_prompts + (guided ? 1 : 0))
+    throw RuntimeError("generate_encoded: " + std::to_string(contexts.size()) + " contexts for " +
+                       std::to_string(n_prompts + (guided ? 1 : 0)) + " prompts");
   std::vector<at::Tensor> segment_contexts;
   if (segmented) segment_contexts.assign(contexts.begin(), contexts.begin() + static_cast<std::ptrdiff_t>(n_prompts));
 
@@ -486,7 +532,9 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
   result.latents = denoise(noise, contexts[0], guided ? contexts[n_prompts] : contexts[0], settings, on_step, clean, segment_contexts);
   release_dit();
   // Every rank holds the same latents (the DiT output is gathered each step); rank 0 decodes.
-  if (!group || group->is_main()) result.video = decode(result.latents);
+  // Sequence parallel: rank 0 decodes and writes; the other ranks stop at the latent.
+  const bool main_rank = !options_.distributed || options_.distributed->is_main();
+  if (main_rank) result.video = decode(result.latents);
   result.times = times_;
 
   auto sampler = make_sampler_for(settings);
@@ -506,6 +554,21 @@ T2VResult WanT2VPipeline::generate(const T2VSettings& settings, const StepCallba
       {"model", files_.root.empty() ? files_.dit.front() : files_.root},
       {"software", "vdit"},
   };
+  if (settings.hires) {
+    const HiresOptions& h = *settings.hires;
+    const auto& k = h.window.size;
+    result.metadata["hires_method"] = hires_method_name(h.method);
+    result.metadata["strength"] = number_text(settings.strength);
+    result.metadata["attn_scale_factor"] = number_text(h.attn_scale_factor);
+    if (h.method != HiresMethod::Direct)
+      result.metadata["hires_window"] = (k[0] <= 0 ? std::string("all") : std::to_string(k[0])) + "," + std::to_string(k[1]) +
+                                        "," + std::to_string(k[2]) + " tokens";
+    if (h.method == HiresMethod::FreeSwim) {
+      result.metadata["cross_cache_every"] = std::to_string(h.cross_cache_every);
+      result.metadata["cache_device"] = h.cache_on_cpu ? "cpu" : "same";
+      result.metadata["override_uncond"] = h.override_uncond ? "on" : "off";
+    }
+  }
   if (settings.windows) {
     const TemporalWindowOptions& w = *settings.windows;
     result.metadata["context_windows"] = "latent frames " + std::to_string(w.context) + ", overlap " + std::to_string(w.overlap) +

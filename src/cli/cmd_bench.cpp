@@ -14,6 +14,7 @@ namespace vdit::cli {
 void register_bench_command(CLI::App& app, GlobalOptions& global) {
   CLI::App* bench = app.add_subcommand("bench", "Micro-benchmarks (one JSON line each)");
   bench->require_subcommand(1);
+  register_bench_hires_command(*bench, global);
 
   struct Args {
     std::string grid = "8,32,32";

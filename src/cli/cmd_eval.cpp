@@ -455,6 +455,7 @@ void run_eval_shapes(const EvalOptions& given, const CLI::App& cmd, const Global
 void register_eval_command(CLI::App& app, GlobalOptions& global) {
   CLI::App* eval = app.add_subcommand("eval", "Score a model's outputs automatically");
   eval->require_subcommand(1);
+  register_eval_upscale_command(*eval, global);
 
   auto o = std::make_shared<EvalOptions>();
   CLI::App* cmd = eval->add_subcommand(

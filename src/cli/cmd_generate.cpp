@@ -1,15 +1,20 @@
 // `vdit generate`: text-to-video (MP4/WebM/GIF/WebP/PNG frames) and text-to-image (PNG).
 #include "cli_common.h"
 #include "commands.h"
+#include "hires_options.h"
 #include "long_video_options.h"
 #include "option_groups.h"
 
 #include "vdit/common.h"
 #include "vdit/distributed.h"
+#include "vdit/io/init_video.h"
 #include "vdit/pipelines/wan_t2v.h"
 #include "vdit/progress.h"
 
+#include <filesystem>
 #include <iostream>
+#include <optional>
+#include <tuple>
 #include <sstream>
 
 namespace vdit::cli {
@@ -23,6 +28,9 @@ struct GenerateOptions {
   GuidanceOptions guidance = guidance_defaults(T2VSettings{});
   InitOptions init;
   OutputOptions output;
+  // --hires WxH: refine the result at WxH in the same run (cmd_upscale.cpp's path).
+  std::string hires_size, save_base;
+  HiresCliOptions hires;
 };
 
 std::string number_text(double value) {
@@ -42,6 +50,11 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
   add_guidance_options(*cmd, o->guidance, "Wan2.1's own");
   add_init_options(*cmd, o->init);
   add_output_options(*cmd, o->output);
+  cmd->add_option("--hires", o->hires_size,
+                  "Then refine the result at WIDTHxHEIGHT (vdit upscale's FreeSwim path, text encoded once); only the "
+                  "hi-res video is written unless --save-base");
+  cmd->add_option("--save-base", o->save_base, "With --hires: also write the native-size result to this file");
+  add_hires_options(*cmd, o->hires, "--hires-strength", true);
 
   cmd->footer(
       "A model directory may hold vdit-demo.json with generation defaults for that model (keys: size, frames,\n"
@@ -85,12 +98,67 @@ void register_generate_command(CLI::App& app, GlobalOptions& global) {
              std::to_string(run.settings.frames) + " frames, " + run.settings.sampler + ", model " +
              (run.model_dir.empty() ? run.files.dit.front() : run.model_dir));
     if (!windows_line.empty() && main_rank) log_info(windows_line);
+    // --hires: the refinement's settings, checked with the rest before anything loads.
+    std::optional<T2VSettings> hires;
+    std::optional<OutputPlan> base_plan;
+    if (o->hires_size.empty()) {
+      if (!o->save_base.empty()) throw InputError("--save-base needs --hires WIDTHxHEIGHT");
+    } else {
+      check_hires_options(o->hires);
+      // Rank 0 alone decodes the native frames that the refinement starts from.
+      if (dist_env.world_size > 1)
+        throw InputError("--hires does not run under sequence parallelism yet; run vdit upscale on the native output");
+      if (run.settings.windows) throw InputError("--hires does not combine with long-video context windows");
+      hires = run.settings;
+      std::tie(hires->width, hires->height) = parse_checked_size(o->hires_size, "--hires");
+      hires->steps = o->hires.steps;
+      hires->shift = o->hires.shift;
+      hires->strength = o->hires.strength;
+      hires->init_video = at::Tensor();
+      hires->noise = at::Tensor();
+      hires->hires = resolve_hires(o->hires, *run.pipeline, run.model_dir, hires->width, hires->height, hires->frames);
+      run.pipeline->validate(*hires);
+      run.pipeline->make_sampler_for(*hires);
+      for (const auto& [k, v] : hires_metadata(o->hires, run.model_dir, run.pipeline->dit_config().dim)) extra[k] = v;
+      extra["hires_from"] = std::to_string(run.settings.width) + "x" + std::to_string(run.settings.height);
+      if (!o->save_base.empty()) {
+        OutputOptions base_output = o->output;
+        base_output.output = o->save_base;
+        base_output.sheet.clear();
+        base_output.save_latents.clear();
+        base_plan = check_outputs(base_output, run.settings.frames);
+        std::error_code ec;
+        if (std::filesystem::weakly_canonical(base_plan->output, ec) == std::filesystem::weakly_canonical(run.outputs->output, ec))
+          throw InputError("--save-base and -o name the same file '" + o->save_base + "'");
+      }
+    }
+
     std::unique_ptr<ProgressBar> bar;
-    T2VResult result = run.pipeline->generate(run.settings, [&](int done, int total) {
+    const auto on_step = [&](int done, int total) {
       if (!main_rank) return;  // one progress bar per job
       if (!bar) bar = std::make_unique<ProgressBar>("denoise", total);
       bar->update(done);
-    });
+    };
+    T2VResult result;
+    if (!hires) {
+      result = run.pipeline->generate(run.settings, on_step);
+    } else {
+      const std::vector<at::Tensor> contexts = run.pipeline->encode_prompts(run.pipeline->prompts_of(run.settings));
+      T2VResult base = run.pipeline->generate_encoded(run.settings, contexts, on_step);
+      if (bar) bar->finish();
+      bar.reset();
+      if (base_plan) write_outputs(*base_plan, base, extra);
+      // The native frames, resized bilinearly to the hi-res size, are the refinement's input.
+      hires->init_video = fit_init_frames(base.video, hires->frames, hires->height, hires->width, "the native result");
+      if (hires->strength >= 1.0) hires->init_video = at::Tensor();
+      log_info("hi-res: refining " + std::to_string(run.settings.width) + "x" + std::to_string(run.settings.height) +
+               " at " + std::to_string(hires->width) + "x" + std::to_string(hires->height));
+      result = run.pipeline->generate_encoded(*hires, contexts, on_step);
+      result.times.text = base.times.text;
+      result.times.load += base.times.load;
+      result.times.denoise += base.times.denoise;
+      result.times.decode += base.times.decode;
+    }
     if (bar) bar->finish();
 
     const auto& t = result.times;

@@ -35,5 +35,10 @@ void register_train_demo_command(CLI::App& app, GlobalOptions& global);
 void register_heads_command(CLI::App& app, GlobalOptions& global);
 void register_edit_command(CLI::App& app, GlobalOptions& global);
 void register_launch_command(CLI::App& app, GlobalOptions& global);
+void register_upscale_command(CLI::App& app, GlobalOptions& global);
+// `vdit eval upscale` under the eval command (cmd_eval_upscale.cpp).
+void register_eval_upscale_command(CLI::App& eval, GlobalOptions& global);
+// `vdit bench hires` under the bench command (cmd_bench_hires.cpp).
+void register_bench_hires_command(CLI::App& bench, GlobalOptions& global);
 
 }  // namespace vdit::cli

@@ -101,6 +101,7 @@ int main(int argc, char** argv) {
   vdit::cli::register_heads_command(app, global);
   vdit::cli::register_edit_command(app, global);
   vdit::cli::register_launch_command(app, global);
+  vdit::cli::register_upscale_command(app, global);
 
   try {
     app.parse(argc, argv);

@@ -5,6 +5,7 @@
 
 #include "vdit/models/wan_checkpoint.h"
 #include "vdit/models/wan_vae.h"
+#include "vdit/pipelines/freeswim.h"
 #include "vdit/pipelines/guidance.h"
 #include "vdit/pipelines/temporal_windows.h"
 #include "vdit/samplers/sampler.h"
@@ -79,6 +80,9 @@ struct T2VSettings {
   // Prompts along the video, spread evenly over its latent frames (each window takes the prompt of
   // its position: window_segment); empty: `prompt` everywhere.
   std::vector<std::string> segment_prompts;
+  // Hi-res refinement (pipelines/freeswim.h): the run denoises with the FreeSwim dual path (or one
+  // of its ablations) at width x height; nullopt: the plain guided DiT.
+  std::optional<HiresOptions> hires;
 };
 
 // How pixels map to the DiT's latent grid: the VAE's latent channels and strides and the DiT's
@@ -167,6 +171,13 @@ class WanT2VPipeline {
   void validate(const T2VSettings& settings);
   // The whole run. Stage times are filled in.
   T2VResult generate(const T2VSettings& settings, const StepCallback& on_step = {});
+  // The prompts generate() encodes, in the order generate_encoded() takes them: the prompt (or
+  // the segment prompts), then the negative prompt when the run is guided.
+  std::vector<std::string> prompts_of(const T2VSettings& settings) const;
+  // generate() on contexts encode_prompts(prompts_of(settings)) returned, so several runs (a
+  // base run and its hi-res refinement) share one text encoding.
+  T2VResult generate_encoded(const T2VSettings& settings, const std::vector<at::Tensor>& contexts,
+                             const StepCallback& on_step = {});
 
   void release_dit();
   void release_vae();
