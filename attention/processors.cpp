@@ -328,11 +328,21 @@ at::Tensor CrossAttentionOutputCache::process(const AttentionSite& site, const a
                                               const at::Tensor& v, const AttentionCall& call, const AttentionFn& inner) {
   if (mode_ == Mode::Off || site.kind != AttentionKind::Cross) return inner(site, q, k, v, call);
   const std::int64_t B = q.size(0);
-  // The roles of this call's rows, and whether the cache acts on all of them.
+  // The roles of this call's rows (a reader's as the role it reads, when reusing), and whether the
+  // cache acts on all of them.
   std::vector<RowRole> roles;
-  for (std::int64_t r = 0; r < B; ++r) roles.push_back(role_of(site, r));
-  if (!roles_.empty() && static_cast<std::int64_t>(site.rows_in(roles_, B).size()) != B && site.rows)
-    return inner(site, q, k, v, call);
+  for (std::int64_t r = 0; r < B; ++r) {
+    RowRole role = role_of(site, r);
+    if (mode_ == Mode::Reuse) {
+      const auto alias = aliases_.find(role);
+      if (alias != aliases_.end()) role = alias->second;
+    }
+    roles.push_back(role);
+  }
+  const bool all_targeted = std::all_of(roles.begin(), roles.end(), [&](RowRole r) {
+    return std::find(roles_.begin(), roles_.end(), r) != roles_.end();
+  });
+  if (!roles_.empty() && !all_targeted && site.rows) return inner(site, q, k, v, call);
   const bool one_role = std::all_of(roles.begin(), roles.end(), [&](RowRole r) { return r == roles.front(); });
   if (!one_role)
     throw RuntimeError("cross-attention cache: a call mixes row roles; run the cached rows in a forward of their own");

@@ -75,6 +75,11 @@ FreeSwimDenoiser::FreeSwimDenoiser(WanDiTImpl& dit, Guidance guidance, DiTDenois
     std::optional<at::Device> storage;
     if (hires_.cache_on_cpu) storage = at::Device(at::kCPU);
     cache_ = std::make_shared<CrossAttentionOutputCache>(roles, storage);
+    // PAG's perturbed pass and SLG's skip-layer pass are the cond pass with self-attention changed:
+    // they take the cond pass's full-path cross-attention, so their difference to it is the
+    // perturbation alone (and zero without one).
+    cache_->reuse_for(RowRole::Perturbed, RowRole::Cond);
+    cache_->reuse_for(RowRole::SkipLayer, RowRole::Cond);
     auto delegate = std::make_shared<DelegateProcessor>(options_.processors);
     processors_.set(AttentionKind::Self, delegate);
     processors_.set(AttentionKind::Cross, std::make_shared<ProcessorChain>(

@@ -318,11 +318,10 @@ void WanT2VPipeline::validate(const T2VSettings& settings) {
   if (settings.cfg_zero_star && make_sampler_for(settings)->config().prediction != ModelPrediction::Velocity)
     throw InputError("--cfg-zero-star is defined on velocities; this model predicts the clean sample");
   if (settings.hires) {
-    // The dual path owns the attention processors and the DiT call: the terms that need their
-    // own (PAG, SLG, a guide model, temporal windows) are not combined with it.
+    // The dual path runs one DiT: a guide model (autoguidance) and temporal windows are not
+    // combined with it. PAG and SLG are (their passes reuse the cond pass's full path).
     if (settings.windows) throw InputError("hi-res refinement does not combine with long-video context windows");
-    if (pag_enabled(settings) || slg_enabled(settings) || settings.autoguidance != 1.0)
-      throw InputError("hi-res refinement does not combine with PAG, skip-layer guidance or autoguidance");
+    if (settings.autoguidance != 1.0) throw InputError("hi-res refinement does not combine with autoguidance");
     if (settings.hires->cross_cache_every < 0)
       throw InputError("--cross-cache-every must be 0 (no cache) or more (got " +
                        std::to_string(settings.hires->cross_cache_every) + ")");
@@ -415,6 +414,8 @@ at::Tensor WanT2VPipeline::denoise(const at::Tensor& noise, const at::Tensor& co
   if (settings.hires) {
     hires = std::make_unique<FreeSwimDenoiser>(*dit_, guidance_for(settings), denoiser_options, *settings.hires);
     hires->set_condition(RowRole::Cond, cond);
+    if (pag_enabled(settings)) hires->set_condition(RowRole::Perturbed, cond);
+    if (slg_enabled(settings)) hires->set_condition(RowRole::SkipLayer, cond);
     if (settings.guidance != 1.0) hires->set_condition(RowRole::Uncond, embed(*dit_, context_null));
     const Grid3 grid{noise.size(1), noise.size(2) / dit_->config.patch_size[1], noise.size(3) / dit_->config.patch_size[2]};
     if (settings.hires->method != HiresMethod::Direct)

@@ -78,6 +78,12 @@ TEST_CASE("vdit upscale writes the size, frames and metadata asked for", "[upsca
   REQUIRE(run_vdit(common + "--size 64x48 --method direct -o " + direct.string(), out) == 0);
   CHECK(has_entry(all_metadata(vdit::read_video_metadata(direct.string())), "hires_method", "direct"));
   CHECK_FALSE(vdit_test::bitwise_equal(vdit::read_video(direct.string()).frames, video.frames));
+  // Head-level PAG on the refinement (issue 41): another output, its head set in the metadata.
+  const fs::path pag = dir.path / "pag";
+  REQUIRE(run_vdit(common + "--size 64x48 --pag-heads 0:0 --pag-scale 2 -o " + pag.string(), out) == 0);
+  INFO(out);
+  CHECK(all_metadata(vdit::read_video_metadata(pag.string())).find("pag scale 2") != std::string::npos);
+  CHECK_FALSE(vdit_test::bitwise_equal(vdit::read_video(pag.string()).frames, video.frames));
 
   // An image in, one frame out (as a PNG image).
   const fs::path image = dir.path / "in.png";

@@ -288,10 +288,17 @@ TEST_CASE("hi-res pipeline runs: strength 1 starts from pure noise, below 1 from
   T2VSettings plain = settings;
   plain.hires.reset();
   CHECK(max_abs_diff(pipeline.denoise(noise, pos, neg, plain, {}, clean), from_clean) > 1e-4);
-  // Refused combinations.
-  settings.pag_scale = 3.0;
-  settings.pag_layers = {0};
-  CHECK_THROWS_AS(pipeline.validate(settings), InputError);
+  // PAG combines with the dual path: its perturbed pass reads the cond pass's full-path
+  // cross-attention, so with u = 0 (no perturbation) it equals the cond pass and the run equals the
+  // run without PAG bitwise; with u = 1 the run changes.
+  T2VSettings pag = settings;
+  pag.pag_scale = 3.0;
+  pag.pag_layers = {0};
+  pag.soft_pag = 0.0;
+  pipeline.validate(pag);
+  CHECK(bitwise_equal(pipeline.denoise(noise, pos, neg, pag, {}, clean), from_clean));
+  pag.soft_pag = 1.0;
+  CHECK(max_abs_diff(pipeline.denoise(noise, pos, neg, pag, {}, clean), from_clean) > 1e-5);
 }
 
 TEST_CASE("windowed attention under InferenceMode on worker threads equals it outside", "[freeswim][attention]") {

@@ -142,6 +142,10 @@ class CrossAttentionOutputCache : public AttentionProcessor {
   void set_mode(Mode mode) { mode_ = mode; }
   Mode mode() const { return mode_; }
   bool has(int layer, RowRole role = RowRole::Cond) const;
+  // In Reuse mode, rows labelled `reader` get the outputs recorded for `recorded` (FreeSwim: the
+  // PAG and skip-layer passes read the cond pass's full-path outputs, so with no perturbation they
+  // equal the cond pass exactly).
+  void reuse_for(RowRole reader, RowRole recorded) { aliases_[reader] = recorded; }
   std::int64_t stored_bytes() const;
   void clear() { store_.clear(); }
   at::Tensor process(const AttentionSite& site, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -152,6 +156,7 @@ class CrossAttentionOutputCache : public AttentionProcessor {
   std::optional<at::Device> storage_;
   Mode mode_ = Mode::Off;
   std::map<std::pair<int, RowRole>, at::Tensor> store_;  // (layer, role) -> [1, heads, N, D]
+  std::map<RowRole, RowRole> aliases_;                   // reader -> recorded role (Reuse mode)
 };
 
 }  // namespace vdit
