@@ -48,14 +48,6 @@ std::int64_t status_bytes(const std::string& field) {
   return 0;
 }
 
-bool reset_peak_rss() {
-  std::ofstream out("/proc/self/clear_refs");
-  if (!out) return false;
-  out << "5";
-  out.flush();
-  return static_cast<bool>(out);
-}
-
 double available_memory_bytes() {
   std::ifstream in("/proc/meminfo");
   std::string key;

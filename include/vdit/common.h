@@ -79,5 +79,8 @@ std::string format_bytes(double bytes);
 
 // Resident-set high-water mark of this process, in bytes (0 where unknown).
 std::int64_t peak_rss_bytes();
+// Resets that mark to the current RSS (Linux: "5" to /proc/self/clear_refs), so a benchmark can
+// measure each method's own peak in one process. False where the kernel does not allow it.
+bool reset_peak_rss();
 
 }  // namespace vdit

@@ -39,14 +39,6 @@ class AttentionTimer : public AttentionProcessor {
   }
 };
 
-// Resets the kernel's peak-RSS mark (Linux: "5" to clear_refs), so each method's peak is its own.
-bool reset_peak_rss() {
-  std::ofstream out("/proc/self/clear_refs");
-  if (!out) return false;
-  out << "5";
-  out.flush();
-  return static_cast<bool>(out);
-}
 
 std::array<std::int64_t, 3> parse_triple(const std::string& text, const std::string& option) {
   std::array<std::int64_t, 3> v{};
